@@ -1,0 +1,106 @@
+"""Block arithmetic and AES-256-GCM of one block with its AAD.
+
+A file's plaintext is cut into 4096-byte blocks. Block i is stored in the
+file's data file in the *slot* starting at i * 4124:
+
+    nonce (12) || ciphertext (n) || tag (16)            n = 1 .. 4096
+
+A slot of all zero bytes is a hole and reads as zeros. The AAD binds a block
+to its store, file, key and place (see `block_aad`). docs/FORMAT.md has the
+rules for the last block and for holes.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import IntegrityError
+from .secret import Secret
+
+BLOCK_SIZE = 4096
+NONCE_SIZE = 12
+TAG_SIZE = 16
+BLOCK_OVERHEAD = NONCE_SIZE + TAG_SIZE
+SLOT_SIZE = BLOCK_SIZE + BLOCK_OVERHEAD
+AAD_VERSION = 1
+
+_ZERO_SLOT = bytes(SLOT_SIZE)
+_ZERO_NONCE = bytes(NONCE_SIZE)
+
+
+def block_aad(store_uuid: uuid.UUID, inode_id: int, key_version: int, key_epoch: int, index: int) -> bytes:
+    """AAD v1: version (u8) || store UUID (16) || inode id (u64) || key version (u32)
+    || key epoch (u32) || block index (u64), integers big-endian: 41 bytes."""
+    return struct.pack(">B16sQIIQ", AAD_VERSION, store_uuid.bytes, inode_id, key_version, key_epoch, index)
+
+
+def block_count(size: int) -> int:
+    return -(-size // BLOCK_SIZE)
+
+
+def min_data_length(size: int) -> int:
+    """Shortest valid data file for a plaintext size (last block stored exactly)."""
+    full, rest = divmod(size, BLOCK_SIZE)
+    return full * SLOT_SIZE + (rest + BLOCK_OVERHEAD if rest else 0)
+
+
+def max_data_length(size: int) -> int:
+    """Longest valid data file for a plaintext size (last slot stored full)."""
+    return block_count(size) * SLOT_SIZE
+
+
+def is_hole(slot: memoryview | bytes) -> bool:
+    return slot == _ZERO_SLOT[: len(slot)]
+
+
+class BlockCipher:
+    """AES-256-GCM for the blocks of one file under one data key.
+
+    The key bytes are copied into OpenSSL's contexts when this object is
+    built; the caller wipes its `Secret` straight after. OpenSSL cleanses
+    its copies when this object is freed.
+    """
+
+    def __init__(self, dek: Secret, store_uuid: uuid.UUID, inode_id: int, key_version: int, key_epoch: int):
+        self._aead: AESGCM | None = dek.build(AESGCM)
+        self._aad_prefix = block_aad(store_uuid, inode_id, key_version, key_epoch, 0)[:-8]
+        self.inode_id = inode_id
+        self.key_version = key_version
+        self.key_epoch = key_epoch
+
+    def _aad(self, index: int) -> bytes:
+        return self._aad_prefix + index.to_bytes(8, "big")
+
+    def encrypt_into(self, index: int, plaintext: memoryview, slot: memoryview) -> int:
+        """Encrypt one block into `slot` (nonce || ciphertext || tag); return its length."""
+        if self._aead is None:
+            raise ValueError("block cipher closed")
+        nonce = os.urandom(NONCE_SIZE)
+        while nonce == _ZERO_NONCE:  # an all-zero slot means "hole"
+            nonce = os.urandom(NONCE_SIZE)
+        slot[:NONCE_SIZE] = nonce
+        end = NONCE_SIZE + len(plaintext) + TAG_SIZE
+        written = self._aead.encrypt_into(nonce, plaintext, self._aad(index), slot[NONCE_SIZE:end])
+        return NONCE_SIZE + written
+
+    def decrypt_into(self, index: int, slot: memoryview, plaintext: memoryview) -> int:
+        """Authenticate and decrypt one slot into `plaintext`; return the plaintext length."""
+        if self._aead is None:
+            raise ValueError("block cipher closed")
+        if len(slot) <= BLOCK_OVERHEAD:
+            raise IntegrityError(f"inode {self.inode_id} block {index}: slot of {len(slot)} bytes")
+        try:
+            return self._aead.decrypt_into(
+                bytes(slot[:NONCE_SIZE]), slot[NONCE_SIZE:], self._aad(index), plaintext[: len(slot) - BLOCK_OVERHEAD]
+            )
+        except InvalidTag as e:
+            raise IntegrityError(f"inode {self.inode_id} block {index}: authentication failed") from e
+
+    def close(self) -> None:
+        """Drop the OpenSSL contexts (and with them the key schedules)."""
+        self._aead = None

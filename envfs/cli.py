@@ -1,0 +1,243 @@
+"""The `envfs` command: argument parsing and the operator commands.
+
+The only place that exits the process: an `EnvfsError` becomes its message
+on one line of stderr and its exit code (README, "Exit codes").
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import shutil
+import stat
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from typing import Any
+
+from . import embedded
+from .errors import EnvfsError, PinError, UsageError
+from .hsm import HsmAdmin
+from .keys import KeyRing
+from .metadata import ROOT_INODE, Metadata
+from .mount import MountOptions, envfs_mounts, find_mount, hsm_for, mount, store_of_source, unmount
+from .store import HsmLocator, KeyVersion, Store, Superblock
+
+log = logging.getLogger("envfs")
+
+
+def read_pin(pin_file: str | None) -> str:
+    """The token PIN: ENVFS_PIN, then --pin-file, then a prompt on a terminal."""
+    if pin_file:
+        try:
+            with open(pin_file) as f:
+                pin = f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise PinError(f"cannot read PIN file {pin_file}: {e.strerror}") from e
+    elif os.environ.get("ENVFS_PIN"):
+        pin = os.environ["ENVFS_PIN"]
+    elif sys.stdin.isatty():
+        pin = getpass.getpass("Token PIN: ")
+    else:
+        raise PinError("no PIN: set ENVFS_PIN, pass --pin-file FILE, or run on a terminal")
+    if not pin:
+        raise PinError("the PIN is empty")
+    return pin
+
+
+def _parse_pkcs11_uri(uri: str) -> tuple[str | None, str | None]:
+    """module-path and token from an RFC 7512 PKCS#11 URI."""
+    from urllib.parse import unquote
+
+    if not uri.startswith("pkcs11:"):
+        raise UsageError(f"not a PKCS#11 URI: {uri}")
+    values: dict[str, str] = {}
+    for part in uri[len("pkcs11:") :].replace("?", ";").split(";"):
+        key, _, value = part.partition("=")
+        values[key] = unquote(value)
+    return values.get("module-path"), values.get("token")
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    store = Store(args.store)
+    module, token = args.pkcs11_module, args.token
+    if args.pkcs11_uri:
+        module, token = _parse_pkcs11_uri(args.pkcs11_uri)
+    if (module is None) != (token is None):
+        raise UsageError("a PKCS#11 module needs a token label and the other way round")
+    store.check_new()
+    pin = read_pin(args.pin_file)
+    store_uuid = uuid.uuid4()
+    label = f"envfs-{store_uuid}-v1"
+    if module is None:
+        locator = HsmLocator(type="embedded", token=embedded.TOKEN_LABEL)
+        token_store = embedded.EmbeddedToken()
+        if not token_store.exists():
+            token_store.create(os.environ.get("ENVFS_SO_PIN") or pin, pin)
+            print(f"created the embedded SoftHSM2 token in {token_store.directory}", file=sys.stderr)
+    else:
+        locator = HsmLocator(type="pkcs11", token=token, module=os.path.abspath(module))
+    superblock = Superblock(
+        uuid=store_uuid,
+        hsm=locator,
+        keys=[KeyVersion(1, label, "")],
+        current_key_version=1,
+    )
+    if args.rekey_after is not None:
+        superblock.rekey_after_block_writes = args.rekey_after
+    created = not store.path.exists()
+    try:
+        store.prepare_new()
+        with ExitStack() as stack:
+            hsm = hsm_for(superblock, stack, pin)
+            admin = HsmAdmin(hsm.module_path, hsm.token_label, pin)
+            try:
+                admin.generate_master_key(label)
+            finally:
+                admin.close()
+            keys = KeyRing(hsm, superblock)
+            superblock.keys[0].check = keys.check_value(1)
+            superblock.mac = keys.superblock_mac(superblock)
+            metadata = Metadata(store.metadata_path, keys.metadata_mac(), create=True)
+            try:
+                now = time.time_ns()
+                root = metadata.create_inode(
+                    mode=stat.S_IFDIR | 0o755, uid=os.getuid(), gid=os.getgid(), nlink=2, rdev=0, size=0,
+                    atime_ns=now, mtime_ns=now, ctime_ns=now, key_version=1, key_epoch=0, block_writes=0,
+                )  # fmt: skip
+                assert root.id == ROOT_INODE
+                metadata.set_setting("mounted", 0)
+                metadata.sync()
+            finally:
+                metadata.close()
+            store.write_superblock(superblock)
+    except BaseException:
+        if created:
+            shutil.rmtree(store.path, ignore_errors=True)
+        else:
+            for child in store.path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
+    print(f"initialised envfs store {store.path} (uuid {store_uuid}, key {label})")
+
+
+def cmd_mount(args: argparse.Namespace) -> None:
+    options = MountOptions(
+        foreground=args.foreground, allow_other=args.allow_other, debug=args.debug, log_file=args.log,
+        rekey_after=int(os.environ["ENVFS_REKEY_AFTER"]) if os.environ.get("ENVFS_REKEY_AFTER") else None,
+    )  # fmt: skip
+    store = Store(args.store)
+    store.read_superblock()  # refuse a non-store before asking for a PIN
+    mount(args.store, args.mountpoint, read_pin(args.pin_file), options)
+
+
+def cmd_unmount(args: argparse.Namespace) -> None:
+    unmount(args.mountpoint, timeout=args.timeout)
+
+
+def _status_of(store: Store) -> dict[str, Any]:
+    superblock = store.read_superblock()
+    holder = store.lock_holder()
+    info: dict[str, Any] = {
+        "store": str(store.path),
+        "uuid": str(superblock.uuid),
+        "format_version": superblock.format_version,
+        "block_size": superblock.block_size,
+        "hsm": {k: v for k, v in vars(superblock.hsm).items() if v is not None},
+        "key_versions": [{"version": k.version, "label": k.label} for k in superblock.keys],
+        "current_key_version": superblock.current_key_version,
+        "mounted": holder is not None,
+    }
+    if holder:
+        info["mountpoint"] = holder.get("mountpoint")
+        info["pid"] = holder.get("pid")
+    try:
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{store.metadata_path}?mode=ro", uri=True)
+        try:
+            info["inodes"], info["bytes"] = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM inodes").fetchone()
+            info["files"] = db.execute("SELECT count(*) FROM inodes WHERE (mode & 61440) = 32768").fetchone()[0]
+        finally:
+            db.close()
+    except Exception as e:  # noqa: BLE001 - status reports what it can
+        info["metadata_error"] = str(e)
+    return info
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    if args.path is None:
+        reports = [_status_of(store_of_source(m.source)) for m in envfs_mounts()]
+        if not reports and not args.json:
+            print("no envfs store is mounted")
+    else:
+        entry = find_mount(args.path)
+        reports = [_status_of(store_of_source(entry.source) if entry else Store(args.path))]
+    if args.json:
+        print(json.dumps(reports if args.path is None else reports[0], indent=2))
+        return
+    for info in reports:
+        for key, value in info.items():
+            if key == "key_versions":
+                value = ", ".join(f"v{k['version']} ({k['label']})" for k in value)
+            elif key == "hsm":
+                value = " ".join(f"{k}={v}" for k, v in value.items())
+            print(f"{key + ':':<20} {value}")
+        print()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="envfs", description="Encrypted filesystem keyed by an HSM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create a new store (and the embedded token if needed)")
+    p.add_argument("store")
+    p.add_argument("--pkcs11-module", metavar="PATH", help="PKCS#11 module of a production HSM")
+    p.add_argument("--token", metavar="LABEL", help="token label in that module")
+    p.add_argument("--pkcs11-uri", metavar="URI", help="pkcs11:token=LABEL;module-path=PATH")
+    p.add_argument("--pin-file", metavar="FILE")
+    p.add_argument("--rekey-after", type=int, metavar="N", help="block writes per file key (nonce bound)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("mount", help="mount a store")
+    p.add_argument("store")
+    p.add_argument("mountpoint")
+    p.add_argument("-f", "--foreground", action="store_true")
+    p.add_argument("--allow-other", action="store_true", help="let every user in (FUSE allow_other)")
+    p.add_argument("--pin-file", metavar="FILE")
+    p.add_argument("--log", metavar="FILE", help="daemon log (default: $XDG_DATA_HOME/envfs/logs/UUID.log)")
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("unmount", aliases=["umount"], help="unmount and wait for the daemon to exit")
+    p.add_argument("mountpoint")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_unmount)
+
+    p = sub.add_parser("status", help="show a store or mount (all mounts without an argument)")
+    p.add_argument("path", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="envfs: %(message)s")
+    try:
+        args.func(args)
+    except EnvfsError as e:
+        print(f"envfs: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

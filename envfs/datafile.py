@@ -1,0 +1,251 @@
+"""One file's data file: plaintext ranges in, authenticated slots out.
+
+The plaintext size comes from the (MACed) metadata; this class is told it and
+never trusts the data file's length for it. Its rules keep every state that a
+crash between two system calls can leave readable:
+
+- the data file is at least `min_data_length(size)` long (shorter: blocks
+  are missing, reads of them fail with IntegrityError) and is cut back to at
+  most `max_data_length(size)`;
+- the last block is stored either exactly (n + 28 bytes) or as a full slot
+  whose plaintext is zero beyond the file size; when growing, plaintext
+  beyond the old size is always written as zeros, so leftovers never resurface.
+
+Plaintext scratch buffers are zeroed after use; callers own and zero the
+buffers they pass in.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .blocks import (
+    BLOCK_OVERHEAD,
+    BLOCK_SIZE,
+    SLOT_SIZE,
+    BlockCipher,
+    block_count,
+    is_hole,
+    max_data_length,
+    min_data_length,
+)
+from .errors import IntegrityError
+from .secret import zero_buffer
+
+
+class DataFile:
+    """An open data file and the cipher of its current key epoch."""
+
+    def __init__(self, fd: int, cipher: BlockCipher, size: int) -> None:
+        self.fd = fd
+        self.cipher = cipher
+        self.length = os.fstat(fd).st_size
+        self._scratch = bytearray(BLOCK_SIZE)
+        if self.length > max_data_length(size):
+            self._set_length(max_data_length(size))
+
+    @property
+    def inode_id(self) -> int:
+        return self.cipher.inode_id
+
+    def close(self) -> None:
+        self.cipher.close()
+        zero_buffer(self._scratch)
+        os.close(self.fd)
+
+    def _set_length(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+        self.length = length
+
+    # -- reading -----------------------------------------------------------
+
+    def read_into(self, offset: int, out: memoryview, size: int) -> int:
+        """Read plaintext [offset, offset+len(out)) clipped to `size`; return bytes read."""
+        end = min(offset + len(out), size)
+        if offset >= end:
+            return 0
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        start = first * SLOT_SIZE
+        ciphertext = memoryview(os.pread(self.fd, max(0, min((last + 1) * SLOT_SIZE, self.length) - start), start))
+        scratch = memoryview(self._scratch)
+        pos = 0
+        try:
+            for index in range(first, last + 1):
+                n = min(BLOCK_SIZE, size - index * BLOCK_SIZE)
+                lo = max(offset, index * BLOCK_SIZE) - index * BLOCK_SIZE
+                hi = min(end, index * BLOCK_SIZE + n) - index * BLOCK_SIZE
+                slot = ciphertext[(index - first) * SLOT_SIZE : (index - first + 1) * SLOT_SIZE]
+                self._check_slot(index, slot, n)
+                if is_hole(slot):
+                    out[pos : pos + hi - lo] = bytes(hi - lo)
+                elif lo == 0 and hi - lo >= len(slot) - BLOCK_OVERHEAD:
+                    # The whole block goes to the caller: decrypt in place there.
+                    self.cipher.decrypt_into(index, slot, out[pos : pos + len(slot) - BLOCK_OVERHEAD])
+                else:
+                    got = self.cipher.decrypt_into(index, slot, scratch)
+                    if got < n:
+                        raise IntegrityError(f"inode {self.inode_id} block {index}: {got} bytes, expected {n}")
+                    out[pos : pos + hi - lo] = scratch[lo:hi]
+                pos += hi - lo
+        finally:
+            zero_buffer(self._scratch)
+        return pos
+
+    def _slot(self, index: int) -> memoryview:
+        """The stored bytes of block `index` (shorter or empty if the file ends early)."""
+        start = index * SLOT_SIZE
+        return memoryview(os.pread(self.fd, max(0, min(start + SLOT_SIZE, self.length) - start), start))
+
+    def _check_slot(self, index: int, slot: memoryview, n: int) -> None:
+        if len(slot) < n + BLOCK_OVERHEAD:
+            raise IntegrityError(
+                f"inode {self.inode_id} block {index}: data file cut short ({len(slot)} of {n + BLOCK_OVERHEAD} bytes)"
+            )
+
+    def _read_block(self, index: int, size: int, into: memoryview) -> None:
+        """Plaintext of one existing block into `into` (4096 bytes), zero beyond `size`."""
+        n = min(BLOCK_SIZE, size - index * BLOCK_SIZE)
+        zero_buffer(into)
+        if n <= 0:
+            return
+        slot = self._slot(index)
+        self._check_slot(index, slot, n)
+        if is_hole(slot):
+            return
+        got = self.cipher.decrypt_into(index, slot, into)
+        if got < n:
+            raise IntegrityError(f"inode {self.inode_id} block {index}: {got} bytes, expected {n}")
+        zero_buffer(into[n:])
+
+    # -- writing -----------------------------------------------------------
+
+    def write(self, offset: int, data: memoryview, size: int) -> tuple[int, int]:
+        """Write `data` at `offset` of a file of `size` bytes.
+
+        Returns (new size, number of blocks encrypted).
+        """
+        if not len(data):
+            return size, 0
+        end = offset + len(data)
+        new_size = max(size, end)
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        writes = 0
+        # A partial last block that ends up before the written range grows to a full block.
+        old_last = (size - 1) // BLOCK_SIZE if size else -1
+        if size % BLOCK_SIZE and old_last < first:
+            writes += self._pad_block(old_last, size)
+        out = bytearray((last - first + 1) * SLOT_SIZE)
+        scratch = memoryview(self._scratch)
+        out_view = memoryview(out)
+        pos = 0
+        length = 0
+        try:
+            for index in range(first, last + 1):
+                block_start = index * BLOCK_SIZE
+                lo = max(offset, block_start) - block_start
+                hi = min(end, block_start + BLOCK_SIZE) - block_start
+                n = min(BLOCK_SIZE, new_size - block_start)
+                stored = self._stored_length(index, n)
+                if lo == 0 and hi == n and stored == n:
+                    plain = data[pos : pos + n]
+                else:
+                    self._read_block(index, size, scratch)
+                    scratch[lo:hi] = data[pos : pos + hi - lo]
+                    plain = scratch[:stored]
+                length = (index - first) * SLOT_SIZE + self.cipher.encrypt_into(
+                    index, plain, out_view[(index - first) * SLOT_SIZE :]
+                )
+                writes += 1
+                pos += hi - lo
+        finally:
+            zero_buffer(self._scratch)
+        start = first * SLOT_SIZE
+        os.pwrite(self.fd, out_view[:length], start)
+        self.length = max(self.length, start + length)
+        return new_size, writes
+
+    def _stored_length(self, index: int, n: int) -> int:
+        """How much plaintext to store for block `index` holding `n` bytes.
+
+        Exactly `n` when that slot would end the data file; a full block
+        (zero-padded) when stale bytes of a longer slot follow it.
+        """
+        if n >= BLOCK_SIZE or index * SLOT_SIZE + n + BLOCK_OVERHEAD >= self.length:
+            return n
+        return BLOCK_SIZE
+
+    def _pad_block(self, index: int, size: int) -> int:
+        """Rewrite block `index` as a full block, zero beyond `size`."""
+        scratch = memoryview(self._scratch)
+        start = index * SLOT_SIZE
+        try:
+            if is_hole(self._slot(index)):
+                if self.length < start + SLOT_SIZE:
+                    self._set_length(start + SLOT_SIZE)
+                return 0
+            self._read_block(index, size, scratch)
+            out = bytearray(SLOT_SIZE)
+            self.cipher.encrypt_into(index, scratch, memoryview(out))
+        finally:
+            zero_buffer(self._scratch)
+        os.pwrite(self.fd, out, start)
+        self.length = max(self.length, start + SLOT_SIZE)
+        return 1
+
+    def truncate(self, size: int, new_size: int) -> int:
+        """Change the plaintext size; return the number of blocks encrypted.
+
+        Growing: call before the metadata records the new size. Shrinking:
+        call after it does, so every intermediate state stays readable.
+        """
+        writes = 0
+        if new_size > size:
+            if size % BLOCK_SIZE:
+                writes += self._pad_block((size - 1) // BLOCK_SIZE, size)
+            if self.length < min_data_length(new_size):
+                self._set_length(min_data_length(new_size))
+            return writes
+        if new_size % BLOCK_SIZE:
+            index = new_size // BLOCK_SIZE
+            slot = self._slot(index)
+            if len(slot) and not is_hole(slot):
+                writes += self._rewrite_tail(index, new_size)
+        self._set_length(min(self.length, max_data_length(new_size)))
+        return writes
+
+    def _rewrite_tail(self, index: int, new_size: int) -> int:
+        """Zero the plaintext of block `index` beyond `new_size`, stored as a full slot."""
+        scratch = memoryview(self._scratch)
+        try:
+            self._read_block(index, new_size, scratch)
+            out = bytearray(SLOT_SIZE)
+            self.cipher.encrypt_into(index, scratch, memoryview(out))
+        finally:
+            zero_buffer(self._scratch)
+        os.pwrite(self.fd, out, index * SLOT_SIZE)
+        self.length = max(self.length, (index + 1) * SLOT_SIZE)
+        return 1
+
+    def blocks(self, size: int) -> range:
+        return range(block_count(size))
+
+    def copy_to(self, other: DataFile, size: int) -> int:
+        """Re-encrypt every non-hole block under `other`'s cipher (re-key, rotation)."""
+        scratch = memoryview(self._scratch)
+        out = bytearray(SLOT_SIZE)
+        writes = 0
+        try:
+            for index in range(block_count(size)):
+                n = min(BLOCK_SIZE, size - index * BLOCK_SIZE)
+                slot = self._slot(index)
+                self._check_slot(index, slot, n)
+                if is_hole(slot):
+                    continue
+                self._read_block(index, size, scratch)
+                length = other.cipher.encrypt_into(index, scratch[:n], memoryview(out))
+                os.pwrite(other.fd, memoryview(out)[:length], index * SLOT_SIZE)
+                writes += 1
+        finally:
+            zero_buffer(self._scratch)
+        other._set_length(min_data_length(size))
+        return writes

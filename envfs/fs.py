@@ -1,0 +1,808 @@
+"""FUSE operations: the glue between pyfuse3 requests and the store.
+
+This module never sees key bytes: it gets a `KeyRing` that hands out ciphers.
+Every handler runs to completion without awaiting, so handlers never
+interleave and need no locks (trio runs one task at a time).
+
+Every error a handler meets becomes an errno: integrity failures are EIO
+with a log line naming the inode (and block); anything unexpected is logged
+with its traceback and answered with EIO. No request can end the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from .datafile import DataFile
+from .errors import EnvfsError, IntegrityError
+from .keys import KeyRing
+from .metadata import ROOT_INODE, Inode, Metadata
+from .names import NAME_MAX, NameCipher
+from .secret import zero_buffer, zero_bytes
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+SYMLINK_MAX = 4095  # PATH_MAX - 1, as the kernel allows
+ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 1.0
+_RELATIME_WINDOW_NS = 24 * 3600 * 10**9
+_XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def handler(method: F) -> F:
+    """Map every exception of a request handler to an errno reply."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Operations, *args: Any) -> Any:
+        try:
+            return await method(self, *args)
+        except FUSEError:
+            raise
+        except IntegrityError as e:
+            log.error("integrity: %s", e)
+            raise FUSEError(errno.EIO) from None
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                log.warning("%s: %s", method.__name__, e)
+                raise FUSEError(e.errno) from None
+            log.error("%s: %s", method.__name__, e)
+            raise FUSEError(errno.EIO) from None
+        except sqlite3.OperationalError as e:
+            log.error("%s: metadata database: %s", method.__name__, e)
+            raise FUSEError(errno.ENOSPC if "full" in str(e) else errno.EIO) from None
+        except (sqlite3.Error, EnvfsError) as e:
+            log.error("%s: %s", method.__name__, e)
+            raise FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s: unexpected error", method.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class OpenFile:
+    """Per-inode state while at least one handle is open."""
+
+    data: DataFile
+    handles: int = 0
+    dirty: bool = False
+
+
+@dataclass
+class Handle:
+    inode: int
+    flags: int
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        store: Store,
+        metadata: Metadata,
+        keys: KeyRing,
+        names: NameCipher,
+        *,
+        rekey_after: int,
+        after_reply: Callable[[bytearray], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.md = metadata
+        self.keys = keys
+        self.names = names
+        self.rekey_after = rekey_after
+        # Read buffers are zeroed once pyfuse3 has sent them; see `read`.
+        self._after_reply = after_reply or (lambda buf: None)
+        self._inodes: dict[int, Inode] = {}
+        self._lookups: dict[int, int] = {}
+        self._open: dict[int, OpenFile] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.rekeys = 0
+
+    # -- inode cache and lifetime ---------------------------------------------
+
+    def _inode(self, inode_id: int) -> Inode:
+        inode = self._inodes.get(inode_id)
+        if inode is None:
+            inode = self.md.get_inode(inode_id)
+            if inode is None:
+                raise FUSEError(errno.ENOENT)
+            self._inodes[inode_id] = inode
+        return inode
+
+    def _save(self, inode: Inode) -> None:
+        self.md.save_inode(inode)
+
+    def _release_cache(self, inode_id: int) -> None:
+        if inode_id not in self._lookups and inode_id not in self._open and inode_id != ROOT_INODE:
+            self._inodes.pop(inode_id, None)
+
+    def _maybe_delete(self, inode_id: int) -> None:
+        """Delete an unlinked inode once neither the kernel nor a handle holds it."""
+        if inode_id in self._lookups or inode_id in self._open:
+            return
+        inode = self._inodes.get(inode_id) or self.md.get_inode(inode_id)
+        if inode is None or inode.nlink > 0:
+            self._release_cache(inode_id)
+            return
+        delete_inode(self.store, self.md, inode)
+        self._inodes.pop(inode_id, None)
+
+    def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = inode.id
+        attrs.generation = 0
+        attrs.entry_timeout = ENTRY_TIMEOUT
+        attrs.attr_timeout = ATTR_TIMEOUT
+        attrs.st_mode = inode.mode
+        attrs.st_nlink = inode.nlink
+        attrs.st_uid = inode.uid
+        attrs.st_gid = inode.gid
+        attrs.st_rdev = inode.rdev
+        attrs.st_size = inode.size
+        attrs.st_blksize = 4096
+        attrs.st_blocks = self._blocks(inode)
+        attrs.st_atime_ns = inode.atime_ns
+        attrs.st_mtime_ns = inode.mtime_ns
+        attrs.st_ctime_ns = inode.ctime_ns
+        return attrs
+
+    def _blocks(self, inode: Inode) -> int:
+        if not stat.S_ISREG(inode.mode) or inode.size == 0:
+            return 0
+        try:
+            return os.stat(self.store.data_file(inode.id, inode.key_version, inode.key_epoch)).st_blocks
+        except FileNotFoundError:
+            return 0
+
+    def _lookup_ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that gives the kernel one more reference."""
+        self._lookups[inode.id] = self._lookups.get(inode.id, 0) + 1
+        return self._attrs(inode)
+
+    def _dir(self, inode_id: int) -> Inode:
+        inode = self._inode(inode_id)
+        if not stat.S_ISDIR(inode.mode):
+            raise FUSEError(errno.ENOTDIR)
+        return inode
+
+    def _encrypt_name(self, parent: int, name: bytes) -> bytes:
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+        return self.names.encrypt_name(parent, name)
+
+    def _child(self, parent: int, name: bytes) -> Inode | None:
+        entry = self.md.lookup(parent, self._encrypt_name(parent, name))
+        return None if entry is None else self._inode(entry.inode)
+
+    def _touch_dir(self, directory: Inode, now: int) -> None:
+        directory.mtime_ns = directory.ctime_ns = now
+        self._save(directory)
+
+    # -- lookups ---------------------------------------------------------------
+
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        if name == b".":
+            return self._lookup_ref(parent)
+        if name == b"..":
+            grandparent = self.md.parent_of(parent.id) if parent.id != ROOT_INODE else ROOT_INODE
+            return self._lookup_ref(self._inode(grandparent or ROOT_INODE))
+        child = self._child(parent.id, name)
+        if child is None:
+            raise FUSEError(errno.ENOENT)
+        return self._lookup_ref(child)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for inode_id, count in inode_list:
+            try:
+                remaining = self._lookups.get(inode_id, 0) - count
+                if remaining > 0:
+                    self._lookups[inode_id] = remaining
+                    continue
+                self._lookups.pop(inode_id, None)
+                self._maybe_delete(inode_id)
+            except Exception:
+                log.exception("forget(%d) failed; the inode is cleaned at the next mount", inode_id)
+
+    @handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._inode(inode))
+
+    @handler
+    async def setattr(
+        self, inode_id: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        inode = self._inode(inode_id)
+        now = _now()
+        if fields.update_size:
+            if stat.S_ISDIR(inode.mode):
+                raise FUSEError(errno.EISDIR)
+            if not stat.S_ISREG(inode.mode):
+                raise FUSEError(errno.EINVAL)
+            self._truncate(inode, attr.st_size, now)
+        if fields.update_mode:
+            inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            inode.uid = attr.st_uid
+        if fields.update_gid:
+            inode.gid = attr.st_gid
+        if fields.update_atime:
+            inode.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            inode.mtime_ns = attr.st_mtime_ns
+        inode.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
+        self._save(inode)
+        return self._attrs(inode)
+
+    def _truncate(self, inode: Inode, size: int, now: int) -> None:
+        self._ensure_nonce_budget(inode, 2)
+        data, temporary = self._data(inode)
+        try:
+            if size < inode.size:
+                # Record the smaller size first: every intermediate state reads back correctly.
+                old = inode.size
+                inode.size = size
+                self._save(inode)
+                inode.block_writes += data.truncate(old, size)
+            else:
+                inode.block_writes += data.truncate(inode.size, size)
+                inode.size = size
+            inode.mtime_ns = inode.ctime_ns = now
+            self._save(inode)
+        finally:
+            if temporary:
+                data.close()
+
+    def _data(self, inode: Inode) -> tuple[DataFile, bool]:
+        """The inode's data file: the open one, or a temporary (to close after use)."""
+        open_file = self._open.get(inode.id)
+        if open_file is not None:
+            return open_file.data, False
+        return self._open_data(inode), True
+
+    def _open_data(self, inode: Inode) -> DataFile:
+        cipher = self.keys.file_cipher(inode.id, inode.key_version, inode.key_epoch)
+        try:
+            fd = self.store.open_data_file(inode.id, inode.key_version, inode.key_epoch, create=inode.size == 0)
+        except FileNotFoundError:
+            cipher.close()
+            raise IntegrityError(f"inode {inode.id}: data file missing") from None
+        except BaseException:
+            cipher.close()
+            raise
+        return DataFile(fd, cipher, inode.size)
+
+    # -- creating --------------------------------------------------------------
+
+    def _new_inode(
+        self, parent: Inode, name: bytes, mode: int, ctx: pyfuse3.RequestContext, rdev: int = 0, size: int = 0,
+    ) -> tuple[Inode, bytes]:  # fmt: skip
+        name_ct = self._encrypt_name(parent.id, name)
+        if self.md.lookup(parent.id, name_ct) is not None:
+            raise FUSEError(errno.EEXIST)
+        now = _now()
+        gid = ctx.gid
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        if not stat.S_ISLNK(mode):
+            mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~ctx.umask)
+        inode = self.md.create_inode(
+            mode=mode, uid=ctx.uid, gid=gid, nlink=2 if stat.S_ISDIR(mode) else 1, rdev=rdev, size=size,
+            atime_ns=now, mtime_ns=now, ctime_ns=now, key_version=self.keys.superblock.current_key_version,
+            key_epoch=0, block_writes=0,
+        )  # fmt: skip
+        self.md.add_entry(parent.id, name_ct, inode.id)
+        if stat.S_ISDIR(mode):
+            parent.nlink += 1
+        self._touch_dir(parent, now)
+        self._inodes[inode.id] = inode
+        return inode, name_ct
+
+    @handler
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise FUSEError(errno.EINVAL)
+        with self.md.transaction():
+            inode, _ = self._new_inode(parent, name, mode, ctx, rdev=rdev)
+        return self._lookup_ref(inode)
+
+    @handler
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        with self.md.transaction():
+            inode, _ = self._new_inode(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
+        return self._lookup_ref(inode)
+
+    @handler
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._dir(parent_inode)
+        if len(target) > SYMLINK_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+        with self.md.transaction():
+            inode, _ = self._new_inode(parent, name, stat.S_IFLNK | 0o777, ctx, size=len(target))
+            self.md.set_symlink(inode.id, self.names.encrypt_target(inode.id, target))
+        return self._lookup_ref(inode)
+
+    @handler
+    async def readlink(self, inode_id: int, ctx: pyfuse3.RequestContext) -> bytes:
+        inode = self._inode(inode_id)
+        if not stat.S_ISLNK(inode.mode):
+            raise FUSEError(errno.EINVAL)
+        ciphertext = self.md.get_symlink(inode_id)
+        if ciphertext is None:
+            raise IntegrityError(f"inode {inode_id}: symlink target missing")
+        return self.names.decrypt_target(inode_id, ciphertext)
+
+    @handler
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._dir(parent_inode)
+        with self.md.transaction():
+            inode, _ = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        attrs = self._lookup_ref(inode)
+        return self._open_handle(inode, flags), attrs
+
+    @handler
+    async def link(
+        self, inode_id: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        inode = self._inode(inode_id)
+        if stat.S_ISDIR(inode.mode):
+            raise FUSEError(errno.EPERM)
+        parent = self._dir(new_parent_inode)
+        name_ct = self._encrypt_name(parent.id, new_name)
+        if inode.nlink == 0:
+            raise FUSEError(errno.ENOENT)
+        with self.md.transaction():
+            if self.md.lookup(parent.id, name_ct) is not None:
+                raise FUSEError(errno.EEXIST)
+            now = _now()
+            self.md.add_entry(parent.id, name_ct, inode.id)
+            inode.nlink += 1
+            inode.ctime_ns = now
+            self._save(inode)
+            self._touch_dir(parent, now)
+        return self._lookup_ref(inode)
+
+    # -- removing and renaming -------------------------------------------------
+
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._dir(parent_inode)
+        name_ct = self._encrypt_name(parent.id, name)
+        entry = self.md.lookup(parent.id, name_ct)
+        if entry is None:
+            raise FUSEError(errno.ENOENT)
+        inode = self._inode(entry.inode)
+        if stat.S_ISDIR(inode.mode):
+            raise FUSEError(errno.EISDIR)
+        now = _now()
+        with self.md.transaction():
+            self.md.remove_entry(parent.id, name_ct)
+            self._drop_link(inode, now)
+            self._touch_dir(parent, now)
+        self._maybe_delete(inode.id)
+
+    def _drop_link(self, inode: Inode, now: int) -> None:
+        if stat.S_ISDIR(inode.mode):
+            inode.nlink = 0
+        else:
+            inode.nlink -= 1
+        inode.ctime_ns = now
+        self._save(inode)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._dir(parent_inode)
+        name_ct = self._encrypt_name(parent.id, name)
+        entry = self.md.lookup(parent.id, name_ct)
+        if entry is None:
+            raise FUSEError(errno.ENOENT)
+        inode = self._inode(entry.inode)
+        if not stat.S_ISDIR(inode.mode):
+            raise FUSEError(errno.ENOTDIR)
+        if self.md.has_entries(inode.id):
+            raise FUSEError(errno.ENOTEMPTY)
+        now = _now()
+        with self.md.transaction():
+            self.md.remove_entry(parent.id, name_ct)
+            self._drop_link(inode, now)
+            parent.nlink -= 1
+            self._touch_dir(parent, now)
+        self._maybe_delete(inode.id)
+
+    @handler
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:  # fmt: skip
+        old_parent = self._dir(parent_inode_old)
+        new_parent = self._dir(parent_inode_new)
+        old_ct = self._encrypt_name(old_parent.id, name_old)
+        new_ct = self._encrypt_name(new_parent.id, name_new)
+        source_entry = self.md.lookup(old_parent.id, old_ct)
+        if source_entry is None:
+            raise FUSEError(errno.ENOENT)
+        source = self._inode(source_entry.inode)
+        target_entry = self.md.lookup(new_parent.id, new_ct)
+        target = None if target_entry is None else self._inode(target_entry.inode)
+        now = _now()
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            if target is None:
+                raise FUSEError(errno.ENOENT)
+            with self.md.transaction():
+                self.md.repoint_entry(old_parent.id, old_ct, target.id)
+                self.md.repoint_entry(new_parent.id, new_ct, source.id)
+                if old_parent.id != new_parent.id and stat.S_ISDIR(source.mode) != stat.S_ISDIR(target.mode):
+                    moved_dir_to_new = 1 if stat.S_ISDIR(source.mode) else -1
+                    new_parent.nlink += moved_dir_to_new
+                    old_parent.nlink -= moved_dir_to_new
+                for inode in (source, target):
+                    inode.ctime_ns = now
+                    self._save(inode)
+                self._touch_dir(old_parent, now)
+                if new_parent is not old_parent:
+                    self._touch_dir(new_parent, now)
+            return
+        if target is not None:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise FUSEError(errno.EEXIST)
+            if target.id == source.id:
+                return  # two names of one inode: POSIX says do nothing
+            if stat.S_ISDIR(source.mode):
+                if not stat.S_ISDIR(target.mode):
+                    raise FUSEError(errno.ENOTDIR)
+                if self.md.has_entries(target.id):
+                    raise FUSEError(errno.ENOTEMPTY)
+            elif stat.S_ISDIR(target.mode):
+                raise FUSEError(errno.EISDIR)
+        with self.md.transaction():
+            if target is not None:
+                self.md.remove_entry(new_parent.id, new_ct)
+                self._drop_link(target, now)
+                if stat.S_ISDIR(target.mode):
+                    new_parent.nlink -= 1
+            self.md.remove_entry(old_parent.id, old_ct)
+            self.md.add_entry(new_parent.id, new_ct, source.id)
+            if stat.S_ISDIR(source.mode) and old_parent.id != new_parent.id:
+                old_parent.nlink -= 1
+                new_parent.nlink += 1
+            source.ctime_ns = now
+            self._save(source)
+            self._touch_dir(old_parent, now)
+            if new_parent is not old_parent:
+                self._touch_dir(new_parent, now)
+        if target is not None:
+            self._maybe_delete(target.id)
+
+    # -- file handles ----------------------------------------------------------
+
+    def _open_handle(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
+        open_file = self._open.get(inode.id)
+        if open_file is None:
+            open_file = OpenFile(self._open_data(inode))
+            self._open[inode.id] = open_file
+        open_file.handles += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(inode.id, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @handler
+    async def open(self, inode_id: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        inode = self._inode(inode_id)
+        if stat.S_ISDIR(inode.mode):
+            raise FUSEError(errno.EISDIR)
+        if not stat.S_ISREG(inode.mode):
+            raise FUSEError(errno.ENXIO)
+        info = self._open_handle(inode, flags)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            try:
+                self._truncate(inode, 0, _now())
+            except BaseException:
+                await self.release(info.fh)
+                raise
+        return info
+
+    def _handle(self, fh: int) -> tuple[Handle, Inode, OpenFile]:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FUSEError(errno.EBADF)
+        return handle, self._inode(handle.inode), self._open[handle.inode]
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> memoryview:
+        _, inode, open_file = self._handle(fh)
+        buf = bytearray(min(size, max(0, inode.size - off)))
+        try:
+            n = open_file.data.read_into(off, memoryview(buf), inode.size)
+        except BaseException:
+            zero_buffer(buf)
+            raise
+        self._relatime(inode)
+        # pyfuse3 sends the reply before this task yields again; the zeroer
+        # task runs only after that.
+        self._after_reply(buf)
+        return memoryview(buf)[:n]
+
+    def _relatime(self, inode: Inode) -> None:
+        """Update atime as ext4's relatime does."""
+        if (
+            inode.atime_ns <= inode.mtime_ns
+            or inode.atime_ns <= inode.ctime_ns
+            or (_now() - inode.atime_ns > _RELATIME_WINDOW_NS)
+        ):
+            inode.atime_ns = _now()
+            self._save(inode)
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        try:
+            handle, inode, open_file = self._handle(fh)
+            if handle.flags & os.O_APPEND:
+                off = inode.size
+            self._ensure_nonce_budget(inode, len(buf) // 4096 + 2)
+            new_size, writes = open_file.data.write(off, memoryview(buf), inode.size)
+            inode.size = new_size
+            inode.block_writes += writes
+            inode.mtime_ns = inode.ctime_ns = _now()
+            self._save(inode)
+            open_file.dirty = True
+            return len(buf)
+        finally:
+            zero_bytes(buf)
+
+    def _ensure_nonce_budget(self, inode: Inode, blocks: int) -> None:
+        """Re-key the file (a new key epoch) before its nonce bound is reached."""
+        if inode.block_writes + blocks <= self.rekey_after:
+            return
+        old, temporary = self._data(inode)
+        try:
+            new = self._rekey(inode, old)
+        finally:
+            if temporary:
+                old.close()
+        if temporary:
+            new.close()
+        else:
+            self._open[inode.id].data = new
+            old.close()
+
+    def _rekey(self, inode: Inode, old: DataFile) -> DataFile:
+        """Re-encrypt the file under key epoch + 1; crash-safe at every step.
+
+        The new data file is complete and durable before the metadata names
+        its epoch; until that commit the old file is the file.
+        """
+        self.rekeys += 1
+        log.info(
+            "inode %d: %d block writes under key epoch %d, re-keying", inode.id, inode.block_writes, inode.key_epoch
+        )
+        old_epoch, new_epoch = inode.key_epoch, inode.key_epoch + 1
+        cipher = self.keys.file_cipher(inode.id, inode.key_version, new_epoch)
+        try:
+            fd = self.store.open_data_file(inode.id, inode.key_version, new_epoch, create=True)
+        except BaseException:
+            cipher.close()
+            raise
+        new = DataFile(fd, cipher, 0)
+        try:
+            os.ftruncate(fd, 0)  # a leftover of an interrupted re-key
+            writes = old.copy_to(new, inode.size)
+            os.fsync(fd)
+            self.store.sync_data_dir(inode.id)
+            inode.key_epoch = new_epoch
+            inode.block_writes = writes
+            self._save(inode)
+        except BaseException:
+            inode.key_epoch = old_epoch
+            new.close()
+            self.store.remove_data_file(inode.id, inode.key_version, new_epoch)
+            raise
+        self.store.remove_data_file(inode.id, inode.key_version, old_epoch)
+        return new
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        if fh not in self._handles:
+            raise FUSEError(errno.EBADF)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        open_file = self._open.get(handle.inode)
+        if open_file is None:
+            return
+        open_file.handles -= 1
+        if open_file.handles > 0:
+            return
+        del self._open[handle.inode]
+        open_file.data.close()
+        self._maybe_delete(handle.inode)
+        self._release_cache(handle.inode)
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle, inode, open_file = self._handle(fh)
+        os.fsync(open_file.data.fd)
+        self.store.sync_data_dir(inode.id)
+        self.md.sync()
+
+    # -- directories -----------------------------------------------------------
+
+    @handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._dir(inode)
+        return inode
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        directory = self._dir(fh)
+        # Offsets: 1 after '.', 2 after '..', then 2 + the entry id.
+        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attrs(directory), 1):
+            return
+        if start_id < 2:
+            parent_id = self.md.parent_of(directory.id) if directory.id != ROOT_INODE else ROOT_INODE
+            if not pyfuse3.readdir_reply(token, b"..", self._attrs(self._inode(parent_id or ROOT_INODE)), 2):
+                return
+        after = max(0, start_id - 2)
+        while True:
+            entries = self.md.entries(directory.id, after, 256)
+            if not entries:
+                return
+            for entry in entries:
+                inode = self._inode(entry.inode)
+                name = self.names.decrypt_name(directory.id, entry.name)
+                if not pyfuse3.readdir_reply(token, name, self._attrs(inode), entry.id + 2):
+                    self._release_cache(inode.id)
+                    return
+                self._lookups[inode.id] = self._lookups.get(inode.id, 0) + 1
+                after = entry.id
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.md.sync()
+
+    @handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        backing = os.statvfs(self.store.path)
+        data = pyfuse3.StatvfsData()
+        scale = backing.f_frsize / 4096
+        data.f_bsize = 4096
+        data.f_frsize = 4096
+        data.f_blocks = int(backing.f_blocks * scale)
+        data.f_bfree = int(backing.f_bfree * scale)
+        data.f_bavail = int(backing.f_bavail * scale)
+        inodes = self.md.counts()["inodes"]
+        free = backing.f_ffree if backing.f_files else 2**32
+        data.f_files = inodes + free
+        data.f_ffree = free
+        data.f_favail = free
+        data.f_namemax = NAME_MAX
+        return data
+
+    @handler
+    async def access(self, inode_id: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        inode = self._inode(inode_id)
+        if ctx.uid == 0:
+            return not (mode & os.X_OK) or bool(inode.mode & 0o111) or stat.S_ISDIR(inode.mode)
+        if ctx.uid == inode.uid:
+            bits = (inode.mode >> 6) & 7
+        elif ctx.gid == inode.gid or inode.gid in pyfuse3.get_sup_groups(ctx.pid):
+            bits = (inode.mode >> 3) & 7
+        else:
+            bits = inode.mode & 7
+        return (mode & bits) == mode
+
+    # -- extended attributes ---------------------------------------------------
+
+    def _xattr_inode(self, inode_id: int, name: bytes) -> Inode:
+        inode = self._inode(inode_id)
+        if not name.startswith(_XATTR_NAMESPACES):
+            raise FUSEError(errno.EOPNOTSUPP)
+        if name.startswith(b"user.") and not (stat.S_ISREG(inode.mode) or stat.S_ISDIR(inode.mode)):
+            raise FUSEError(errno.EPERM)
+        return inode
+
+    @handler
+    async def setxattr(self, inode_id: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        inode = self._xattr_inode(inode_id, name)
+        name_ct = self.names.encrypt_xattr_name(inode.id, name)
+        with self.md.transaction():
+            self.md.set_xattr(inode.id, name_ct, self.names.encrypt_xattr_value(inode.id, name_ct, value))
+            inode.ctime_ns = _now()
+            self._save(inode)
+
+    @handler
+    async def getxattr(self, inode_id: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        inode = self._inode(inode_id)
+        if not name.startswith(_XATTR_NAMESPACES):
+            raise FUSEError(pyfuse3.ENOATTR)
+        name_ct = self.names.encrypt_xattr_name(inode.id, name)
+        value = self.md.get_xattr(inode.id, name_ct)
+        if value is None:
+            raise FUSEError(pyfuse3.ENOATTR)
+        return self.names.decrypt_xattr_value(inode.id, name_ct, value)
+
+    @handler
+    async def listxattr(self, inode_id: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        inode = self._inode(inode_id)
+        return [self.names.decrypt_xattr_name(inode.id, n) for n in self.md.xattr_names(inode.id)]
+
+    @handler
+    async def removexattr(self, inode_id: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        inode = self._xattr_inode(inode_id, name)
+        with self.md.transaction():
+            if not self.md.remove_xattr(inode.id, self.names.encrypt_xattr_name(inode.id, name)):
+                raise FUSEError(pyfuse3.ENOATTR)
+            inode.ctime_ns = _now()
+            self._save(inode)
+
+    # -- shutdown --------------------------------------------------------------
+
+    def destroy(self) -> None:
+        """After the session ends: close files, forget what the kernel held, sync."""
+        for open_file in self._open.values():
+            open_file.data.close()
+        self._open.clear()
+        self._handles.clear()
+        held = list(self._lookups)
+        self._lookups.clear()
+        for inode_id in held:
+            try:
+                self._maybe_delete(inode_id)
+            except Exception:
+                log.exception("cleaning inode %d at unmount", inode_id)
+        self.md.sync()
+
+
+def delete_inode(store: Store, metadata: Metadata, inode: Inode) -> None:
+    """Remove an unlinked inode's rows and its data file."""
+    metadata.delete_inode(inode.id)
+    if stat.S_ISREG(inode.mode):
+        store.remove_data_file(inode.id, inode.key_version, inode.key_epoch)

@@ -1,0 +1,443 @@
+"""The HSM: find token and master keys, derive keys into a `Secret`.
+
+This is the only module that speaks PKCS#11. It has two halves:
+
+- `Hsm` derives keys. It drives the module's function list directly
+  (ctypes), so the HMAC output lands in locked memory (python-pkcs11's
+  `sign()` returns a `bytes` and leaves a freed copy of the key behind) and
+  the module is initialised with CKF_OS_LOCKING_OK (python-pkcs11 passes NULL,
+  under which SoftHSM2 turns its own locking off).
+- `HsmAdmin` manages keys through python-pkcs11: generate, import, inspect,
+  destroy. Operators' commands use it; the filesystem daemon does not.
+
+Every call is made from one thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pkcs11
+import pkcs11.exceptions as p11e
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+from .errors import HsmError, KeyNotFound, PinError, TokenNotFound
+from .secret import Secret
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MASTER_KEY_BYTES = 32
+DERIVED_KEY_BYTES = 32
+
+_CK_ULONG = ctypes.c_ulong
+_CK_RV = ctypes.c_ulong
+
+_CKR_OK = 0x0
+_CKR_PIN_INCORRECT = 0xA0
+_CKR_PIN_INVALID = 0xA1
+_CKR_PIN_LEN_RANGE = 0xA2
+_CKR_PIN_LOCKED = 0xA4
+_CKR_USER_ALREADY_LOGGED_IN = 0x100
+_CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+# Return values after which a re-initialise and fresh login may help: the
+# token server or network HSM restarted, or our session was dropped.
+_CKR_GONE = frozenset({
+    0x05,   # GENERAL_ERROR
+    0x30,   # DEVICE_ERROR
+    0x32,   # DEVICE_REMOVED
+    0x60,   # KEY_HANDLE_INVALID
+    0x82,   # OBJECT_HANDLE_INVALID
+    0xB0,   # SESSION_CLOSED
+    0xB3,   # SESSION_HANDLE_INVALID
+    0xE0,   # TOKEN_NOT_PRESENT
+    0x101,  # USER_NOT_LOGGED_IN
+    0x190,  # CRYPTOKI_NOT_INITIALIZED
+})  # fmt: skip
+
+_CKF_OS_LOCKING_OK = 0x2
+_CKF_RW_SESSION = 0x2
+_CKF_SERIAL_SESSION = 0x4
+_CKU_SO = 0
+_CKU_USER = 1
+_CKA_CLASS = 0x0
+_CKA_LABEL = 0x3
+_CKO_SECRET_KEY = 0x4
+_CKM_SHA256_HMAC = 0x251
+
+
+class _Mechanism(ctypes.Structure):
+    _fields_ = [("mechanism", _CK_ULONG), ("parameter", ctypes.c_void_p), ("parameter_len", _CK_ULONG)]
+
+
+class _Attribute(ctypes.Structure):
+    _fields_ = [("type", _CK_ULONG), ("value", ctypes.c_void_p), ("value_len", _CK_ULONG)]
+
+
+class _InitializeArgs(ctypes.Structure):
+    _fields_ = [("create_mutex", ctypes.c_void_p), ("destroy_mutex", ctypes.c_void_p),
+                ("lock_mutex", ctypes.c_void_p), ("unlock_mutex", ctypes.c_void_p),
+                ("flags", _CK_ULONG), ("reserved", ctypes.c_void_p)]  # fmt: skip
+
+
+class _TokenInfo(ctypes.Structure):
+    # CK_TOKEN_INFO begins with the 32-byte blank-padded label; the rest is not read.
+    _fields_ = [("label", ctypes.c_char * 32), ("rest", ctypes.c_ubyte * 512)]
+
+
+# CK_FUNCTION_LIST up to C_Sign, in the order of the PKCS#11 specification.
+_FUNCTION_NAMES = [
+    "C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C_GetSlotList",
+    "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo",
+    "C_InitToken", "C_InitPIN", "C_SetPIN", "C_OpenSession", "C_CloseSession",
+    "C_CloseAllSessions", "C_GetSessionInfo", "C_GetOperationState",
+    "C_SetOperationState", "C_Login", "C_Logout", "C_CreateObject", "C_CopyObject",
+    "C_DestroyObject", "C_GetObjectSize", "C_GetAttributeValue", "C_SetAttributeValue",
+    "C_FindObjectsInit", "C_FindObjects", "C_FindObjectsFinal", "C_EncryptInit",
+    "C_Encrypt", "C_EncryptUpdate", "C_EncryptFinal", "C_DecryptInit", "C_Decrypt",
+    "C_DecryptUpdate", "C_DecryptFinal", "C_DigestInit", "C_Digest", "C_DigestUpdate",
+    "C_DigestKey", "C_DigestFinal", "C_SignInit", "C_Sign",
+]  # fmt: skip
+
+_P = ctypes.POINTER
+_SIGNATURES: dict[str, tuple[Any, ...]] = {
+    "C_Initialize": (ctypes.c_void_p,),
+    "C_Finalize": (ctypes.c_void_p,),
+    "C_GetSlotList": (ctypes.c_ubyte, ctypes.c_void_p, _P(_CK_ULONG)),
+    "C_GetTokenInfo": (_CK_ULONG, _P(_TokenInfo)),
+    "C_InitToken": (_CK_ULONG, ctypes.c_char_p, _CK_ULONG, ctypes.c_char_p),
+    "C_InitPIN": (_CK_ULONG, ctypes.c_char_p, _CK_ULONG),
+    "C_OpenSession": (_CK_ULONG, _CK_ULONG, ctypes.c_void_p, ctypes.c_void_p, _P(_CK_ULONG)),
+    "C_CloseSession": (_CK_ULONG,),
+    "C_Login": (_CK_ULONG, _CK_ULONG, ctypes.c_char_p, _CK_ULONG),
+    "C_FindObjectsInit": (_CK_ULONG, _P(_Attribute), _CK_ULONG),
+    "C_FindObjects": (_CK_ULONG, _P(_CK_ULONG), _CK_ULONG, _P(_CK_ULONG)),
+    "C_FindObjectsFinal": (_CK_ULONG,),
+    "C_SignInit": (_CK_ULONG, _P(_Mechanism), _CK_ULONG),
+    "C_Sign": (_CK_ULONG, ctypes.c_void_p, _CK_ULONG, ctypes.c_void_p, _P(_CK_ULONG)),
+}
+
+
+class _FunctionList(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_ubyte * 2)] + [(name, ctypes.c_void_p) for name in _FUNCTION_NAMES]
+
+
+class _Module:
+    """Callable PKCS#11 entry points of one module instance."""
+
+    def __init__(self, module_path: str) -> None:
+        self.path = module_path
+        try:
+            library = ctypes.CDLL(module_path)
+        except OSError as e:
+            raise HsmError(f"cannot load PKCS#11 module {module_path}: {e}") from e
+        pointer = ctypes.POINTER(_FunctionList)()
+        rv = library.C_GetFunctionList(ctypes.byref(pointer))
+        if rv != _CKR_OK:
+            raise HsmError(f"{module_path}: C_GetFunctionList failed (CKR 0x{rv:x})")
+        self._library = library  # keeps the library loaded
+        self._functions = pointer.contents
+
+    def __getattr__(self, name: str) -> Callable[..., int]:
+        address = getattr(self._functions, name)
+        if not address:
+            raise HsmError(f"{self.path}: the module does not implement {name}")
+        function = ctypes.CFUNCTYPE(_CK_RV, *_SIGNATURES[name])(address)
+        setattr(self, name, function)
+        return function
+
+    def call(self, name: str, *args: Any) -> int:
+        """Call an entry point and return its CK_RV."""
+        return int(getattr(self, name)(*args))
+
+    def check(self, name: str, *args: Any) -> None:
+        rv = self.call(name, *args)
+        if rv == _CKR_OK:
+            return
+        if rv in _CKR_GONE:
+            raise _TokenGone(f"{name}: CKR 0x{rv:x}")
+        raise HsmError(f"{name} failed (CKR 0x{rv:x})")
+
+    def slots_with_label(self, token_label: str) -> list[int]:
+        count = _CK_ULONG(0)
+        self.check("C_GetSlotList", 1, None, ctypes.byref(count))
+        slots = (_CK_ULONG * max(count.value, 1))()
+        self.check("C_GetSlotList", 1, slots, ctypes.byref(count))
+        wanted = token_label.encode()
+        found = []
+        for slot in slots[: count.value]:
+            info = _TokenInfo()
+            if self.call("C_GetTokenInfo", slot, ctypes.byref(info)) == _CKR_OK and info.label.rstrip() == wanted:
+                found.append(int(slot))
+        return found
+
+
+class _TokenGone(Exception):
+    """The token or our session vanished; a re-initialise may help."""
+
+
+class Hsm:
+    """A logged-in session on one token, used to derive keys.
+
+    The session stays open and logged in for the object's lifetime: closing
+    the login session would log the whole application out.
+    """
+
+    def __init__(self, module_path: str, token_label: str, pin: str) -> None:
+        self.module_path = module_path
+        self.token_label = token_label
+        self._pin = pin.encode()
+        self._module = _Module(module_path)
+        self._session: int | None = None
+        self._keys: dict[str, int] = {}
+        self._connect()
+
+    def _connect(self) -> None:
+        args = _InitializeArgs(None, None, None, None, _CKF_OS_LOCKING_OK, None)
+        rv = self._module.call("C_Initialize", ctypes.byref(args))
+        if rv not in (_CKR_OK, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise HsmError(f"{self.module_path}: C_Initialize failed (CKR 0x{rv:x})")
+        try:
+            slots = self._module.slots_with_label(self.token_label)
+        except _TokenGone as e:
+            raise HsmError(f"token {self.token_label!r}: {e}") from e
+        if not slots:
+            raise TokenNotFound(f"no token labelled {self.token_label!r} in {self.module_path}")
+        if len(slots) > 1:
+            raise TokenNotFound(f"several tokens labelled {self.token_label!r} in {self.module_path}")
+        session = _CK_ULONG(0)
+        try:
+            self._module.check("C_OpenSession", slots[0], _CKF_SERIAL_SESSION, None, None, ctypes.byref(session))
+        except _TokenGone as e:
+            raise HsmError(f"token {self.token_label!r}: {e}") from e
+        rv = self._module.call("C_Login", session, _CKU_USER, self._pin, len(self._pin))
+        if rv in (_CKR_PIN_INCORRECT, _CKR_PIN_INVALID, _CKR_PIN_LEN_RANGE):
+            self._module.call("C_CloseSession", session)
+            raise PinError(f"token {self.token_label!r}: the PIN was not accepted")
+        if rv == _CKR_PIN_LOCKED:
+            self._module.call("C_CloseSession", session)
+            raise PinError(f"token {self.token_label!r}: the PIN is locked")
+        if rv not in (_CKR_OK, _CKR_USER_ALREADY_LOGGED_IN):
+            self._module.call("C_CloseSession", session)
+            raise HsmError(f"token {self.token_label!r}: C_Login failed (CKR 0x{rv:x})")
+        self._session = session.value
+        self._keys.clear()
+
+    def reconnect(self) -> None:
+        """Re-initialise the module and log in again."""
+        log.warning("HSM: reconnecting to token %r", self.token_label)
+        self._keys.clear()
+        self._session = None
+        self._module.call("C_Finalize", None)
+        self._connect()
+
+    def _key(self, label: str) -> int:
+        handle = self._keys.get(label)
+        if handle is not None:
+            return handle
+        encoded = label.encode()
+        key_class = _CK_ULONG(_CKO_SECRET_KEY)
+        label_buffer = ctypes.create_string_buffer(encoded, len(encoded))
+        template = (_Attribute * 2)(
+            _Attribute(_CKA_CLASS, ctypes.addressof(key_class), ctypes.sizeof(key_class)),
+            _Attribute(_CKA_LABEL, ctypes.addressof(label_buffer), len(encoded)),
+        )
+        self._module.check("C_FindObjectsInit", self._session, template, 2)
+        found = (_CK_ULONG * 2)()
+        count = _CK_ULONG(0)
+        try:
+            self._module.check("C_FindObjects", self._session, found, 2, ctypes.byref(count))
+        finally:
+            self._module.call("C_FindObjectsFinal", self._session)
+        if count.value == 0:
+            raise KeyNotFound(f"no key labelled {label!r} in token {self.token_label!r}")
+        if count.value > 1:
+            raise KeyNotFound(f"several keys labelled {label!r} in token {self.token_label!r}")
+        self._keys[label] = int(found[0])
+        return int(found[0])
+
+    def has_key(self, label: str) -> bool:
+        try:
+            self._with_reconnect(lambda: self._key(label))
+        except KeyNotFound:
+            return False
+        return True
+
+    def derive(self, key_label: str, info: bytes) -> Secret:
+        """HKDF-Expand(PRK=master, info, L=32), i.e. HMAC-SHA256(master, info || 0x01)."""
+        return self._with_reconnect(lambda: self._derive_once(key_label, info))
+
+    def _with_reconnect(self, call: Callable[[], T]) -> T:
+        try:
+            if self._session is None:
+                raise _TokenGone("not connected")
+            return call()
+        except _TokenGone as e:
+            log.warning("HSM: %s", e)
+        try:
+            self.reconnect()
+            return call()
+        except _TokenGone as e:
+            raise HsmError(f"token {self.token_label!r} unavailable: {e}") from e
+
+    def _derive_once(self, key_label: str, info: bytes) -> Secret:
+        key = self._key(key_label)
+        message = info + b"\x01"
+        out = Secret(DERIVED_KEY_BYTES)
+        try:
+            mechanism = _Mechanism(_CKM_SHA256_HMAC, None, 0)
+            self._module.check("C_SignInit", self._session, ctypes.byref(mechanism), key)
+            length = _CK_ULONG(DERIVED_KEY_BYTES)
+            target = (ctypes.c_char * DERIVED_KEY_BYTES).from_buffer(out.view)
+            try:
+                self._module.check(
+                    "C_Sign", self._session, message, len(message), ctypes.addressof(target), ctypes.byref(length)
+                )
+            finally:
+                del target
+            if length.value != DERIVED_KEY_BYTES:
+                raise HsmError(f"C_Sign returned {length.value} bytes, expected {DERIVED_KEY_BYTES}")
+        except BaseException:
+            out.wipe()
+            raise
+        return out
+
+    def close(self) -> None:
+        session, self._session = self._session, None
+        self._keys.clear()
+        if session is not None:
+            self._module.call("C_CloseSession", session)
+        self._module.call("C_Finalize", None)
+
+
+def _mapped(what: str, call: Callable[[], T]) -> T:
+    """Run a python-pkcs11 call, turning its exceptions into envfs errors."""
+    try:
+        return call()
+    except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange) as e:
+        raise PinError(f"{what}: the PIN was not accepted by the token") from e
+    except p11e.PinLocked as e:
+        raise PinError(f"{what}: the token's PIN is locked") from e
+    except p11e.NoSuchToken as e:
+        raise TokenNotFound(f"{what}: no such token") from e
+    except p11e.MultipleTokensReturned as e:
+        raise TokenNotFound(f"{what}: several tokens carry this label") from e
+    except p11e.NoSuchKey as e:
+        raise KeyNotFound(f"{what}: no such key in the token") from e
+    except p11e.PKCS11Error as e:
+        raise HsmError(f"{what}: {type(e).__name__} {e}".rstrip()) from e
+
+
+class HsmAdmin:
+    """Key management on one token through python-pkcs11."""
+
+    def __init__(self, module_path: str, token_label: str, pin: str) -> None:
+        self.token_label = token_label
+        self._lib = _mapped(f"loading PKCS#11 module {module_path}", lambda: pkcs11.lib(module_path))
+        token = _mapped(f"token {token_label!r}", lambda: self._lib.get_token(token_label=token_label))
+        try:
+            self._session = _mapped(f"token {token_label!r}", lambda: token.open(rw=True, user_pin=pin))
+        except HsmError as e:
+            if not isinstance(e.__cause__, p11e.UserAlreadyLoggedIn):
+                raise
+            self._session = _mapped(f"token {token_label!r}", lambda: token.open(rw=True))
+
+    def _key(self, label: str) -> Any:
+        return _mapped(
+            f"master key {label!r}",
+            lambda: self._session.get_key(
+                object_class=ObjectClass.SECRET_KEY, key_type=KeyType.GENERIC_SECRET, label=label
+            ),
+        )
+
+    def has_key(self, label: str) -> bool:
+        try:
+            self._key(label)
+        except KeyNotFound:
+            return False
+        return True
+
+    def generate_master_key(self, label: str) -> None:
+        """Create a 256-bit HMAC key inside the token, never extractable."""
+        template = {
+            Attribute.TOKEN: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True, Attribute.VERIFY: True, Attribute.PRIVATE: True,
+        }  # fmt: skip
+        _mapped(
+            f"generating master key {label!r}",
+            lambda: self._session.generate_key(
+                KeyType.GENERIC_SECRET, MASTER_KEY_BYTES * 8, label=label, template=template,
+                mechanism=Mechanism.GENERIC_SECRET_KEY_GEN,
+            ),
+        )  # fmt: skip
+
+    def import_master_key(self, label: str, value: bytes) -> None:
+        """Import a known master key (test vectors and migrations only)."""
+        attrs = {
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+            Attribute.TOKEN: True, Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: True, Attribute.VERIFY: True, Attribute.PRIVATE: True,
+            Attribute.LABEL: label, Attribute.VALUE: value,
+        }  # fmt: skip
+        _mapped(f"importing master key {label!r}", lambda: self._session.create_object(attrs))
+
+    def key_origin(self, label: str) -> str:
+        """'generated' when the key never left the token, else 'imported'."""
+        key = self._key(label)
+        never = _mapped("reading key attributes", lambda: key[Attribute.NEVER_EXTRACTABLE])
+        return "generated" if never else "imported"
+
+    def destroy_key(self, label: str) -> None:
+        key = self._key(label)
+        _mapped(f"destroying key {label!r}", key.destroy)
+
+    def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            try:
+                session.close()
+            except p11e.PKCS11Error as e:
+                log.debug("closing HSM session: %s", e)
+        try:
+            self._lib.finalize()
+        except p11e.PKCS11Error as e:
+            log.debug("finalizing PKCS#11 module: %s", e)
+
+
+def init_token(module_path: str, token_label: str, so_pin: str, user_pin: str) -> None:
+    """Initialise a free slot's token and set its user PIN (embedded SoftHSM2).
+
+    Done with raw calls because python-pkcs11 has no C_InitToken. Runs in a
+    short-lived helper process (see `embedded`).
+    """
+    module = _Module(module_path)
+    rv = module.call("C_Initialize", None)
+    if rv not in (_CKR_OK, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
+        raise HsmError(f"{module_path}: C_Initialize failed (CKR 0x{rv:x})")
+    try:
+        free = module.slots_with_label("")
+        if not free:
+            raise HsmError(f"{module_path}: no free slot for token {token_label!r}")
+        so = so_pin.encode()
+        module.check("C_InitToken", free[0], so, len(so), token_label.encode().ljust(32)[:32])
+        # SoftHSM2 renumbers the slot once the token has a serial: look it up again.
+        slots = module.slots_with_label(token_label)
+        if len(slots) != 1:
+            raise HsmError(f"{module_path}: token {token_label!r} not found after C_InitToken")
+        session = _CK_ULONG(0)
+        module.check(
+            "C_OpenSession", slots[0], _CKF_RW_SESSION | _CKF_SERIAL_SESSION, None, None, ctypes.byref(session)
+        )
+        try:
+            module.check("C_Login", session, _CKU_SO, so, len(so))
+            user = user_pin.encode()
+            module.check("C_InitPIN", session, user, len(user))
+        finally:
+            module.call("C_CloseSession", session)
+    except _TokenGone as e:
+        raise HsmError(f"{module_path}: {e}") from e
+    finally:
+        module.call("C_Finalize", None)

@@ -1,0 +1,91 @@
+"""The store's key ring: derives every key in the HSM and hands out ciphers.
+
+Nothing outside this module (and `hsm`, `secret`) holds key bytes: callers
+get a `BlockCipher`, a `NameCipher` or a keyed HMAC context, and each
+`Secret` is wiped as soon as the object it keyed exists.
+"""
+
+from __future__ import annotations
+
+import logging
+from hmac import compare_digest
+
+from cryptography.hazmat.primitives import hashes, hmac
+
+from . import kdf
+from .blocks import BlockCipher
+from .errors import CorruptStore, KeyNotFound, WrongKey
+from .hsm import Hsm
+from .names import NameCipher
+from .secret import Secret
+from .store import Superblock
+
+log = logging.getLogger(__name__)
+
+CHECK_VALUE_BYTES = 16
+_SUPERBLOCK_MAC_LABEL = b"envfs superblock v1\x00"
+
+
+class KeyRing:
+    """Derived keys of one store, for the HSM session given."""
+
+    def __init__(self, hsm: Hsm, superblock: Superblock) -> None:
+        self.hsm = hsm
+        self.superblock = superblock
+        self.derivations = 0
+        self._metadata_mac: hmac.HMAC | None = None
+
+    def _derive(self, key_version: int, info: bytes) -> Secret:
+        self.derivations += 1
+        return self.hsm.derive(self.superblock.key(key_version).label, info)
+
+    def check_value(self, key_version: int) -> str:
+        with self._derive(key_version, kdf.key_check_info(self.superblock.uuid, key_version)) as secret:
+            return bytes(secret.view[:CHECK_VALUE_BYTES]).hex()
+
+    def verify(self) -> None:
+        """Refuse a token whose keys are not the ones this store was made with."""
+        for key in self.superblock.keys:
+            if key.version != self.superblock.current_key_version and not self.hsm.has_key(key.label):
+                continue  # a retired version; only the current one must be present
+            if not self.hsm.has_key(key.label):
+                raise KeyNotFound(f"master key {key.label!r} (version {key.version}) is not in the token")
+            if not compare_digest(self.check_value(key.version), key.check):
+                raise WrongKey(
+                    f"master key {key.label!r} in token {self.hsm.token_label!r} is not the key this store "
+                    "was created with (key check value mismatch)"
+                )
+        if not compare_digest(self.superblock_mac(self.superblock), self.superblock.mac):
+            raise CorruptStore(f"superblock of store {self.superblock.uuid} fails its MAC: damaged or edited")
+
+    def metadata_mac(self) -> hmac.HMAC:
+        """A keyed HMAC-SHA256 context for metadata rows; `.copy()` it per use."""
+        if self._metadata_mac is None:
+            version = self.superblock.current_key_version
+            with self._derive(version, kdf.metadata_mac_info(self.superblock.uuid, version)) as secret:
+                self._metadata_mac = secret.build(lambda key: hmac.HMAC(key, hashes.SHA256()))
+        return self._metadata_mac
+
+    def superblock_mac(self, superblock: Superblock) -> str:
+        h = self.metadata_mac().copy()
+        h.update(_SUPERBLOCK_MAC_LABEL + superblock.mac_input())
+        return h.finalize().hex()
+
+    def name_cipher(self) -> NameCipher:
+        version = self.superblock.current_key_version
+        key = Secret(64)
+        try:
+            for half in (1, 2):
+                with self._derive(version, kdf.name_key_info(self.superblock.uuid, version, half)) as part:
+                    key.view[(half - 1) * 32 : half * 32] = part.view
+            return NameCipher(key)
+        finally:
+            key.wipe()
+
+    def file_cipher(self, inode_id: int, key_version: int, key_epoch: int) -> BlockCipher:
+        info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
+        with self._derive(key_version, info) as dek:
+            return BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
+
+    def close(self) -> None:
+        self._metadata_mac = None

@@ -1,0 +1,363 @@
+"""Wiring of a mount: HSM, key ring, metadata, pyfuse3 and trio.
+
+`mount()` validates everything it can before it forks, so a refusal changes
+nothing; the daemon (the forked child, or this process with --foreground)
+then opens the HSM, checks the keys, takes the store lock, mounts, and tells
+the waiting parent "ready" or the error through a pipe. PKCS#11 modules are
+only ever loaded after the fork.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from . import embedded
+from .errors import BadMountpoint, EnvfsError, MountFailed, NotMounted
+from .fs import Operations, delete_inode
+from .hsm import Hsm
+from .keys import KeyRing
+from .metadata import Metadata
+from .secret import harden_process, zero_buffer
+from .store import Store, Superblock
+
+log = logging.getLogger(__name__)
+
+FSTYPE = "fuse.envfs"
+
+
+@dataclass
+class MountOptions:
+    foreground: bool = False
+    allow_other: bool = False
+    debug: bool = False
+    log_file: str | None = None
+    rekey_after: int | None = None  # overrides the superblock (tests)
+
+
+# -- finding mounts ------------------------------------------------------------
+
+
+@dataclass
+class MountEntry:
+    mountpoint: str
+    source: str
+    fstype: str
+
+
+def _unescape(field: str) -> str:
+    """Undo the octal escapes (\\040 for a space) of /proc/self/mountinfo."""
+    if "\\" not in field:
+        return field
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace")
+
+
+def envfs_mounts() -> list[MountEntry]:
+    """envfs mounts in this mount namespace, from /proc/self/mountinfo."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            fstype, source = right.split()[:2]
+            if fstype == FSTYPE:
+                found.append(MountEntry(_unescape(fields[4]), _unescape(source), fstype))
+    return found
+
+
+def find_mount(mountpoint: str) -> MountEntry | None:
+    target = os.path.abspath(mountpoint)
+    for entry in envfs_mounts():
+        if entry.mountpoint == target:
+            return entry
+    return None
+
+
+def store_of_source(source: str) -> Store:
+    return Store(source.removeprefix("envfs:"))
+
+
+# -- checks before mounting ------------------------------------------------------
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    """Return the absolute mountpoint; clear a dead envfs mount left by a killed daemon."""
+    path = os.path.abspath(mountpoint)
+    stale = find_mount(path)
+    if stale is not None:
+        holder = store_of_source(stale.source).lock_holder()
+        if holder is not None:
+            raise BadMountpoint(f"{path} is already an envfs mount (pid {holder.get('pid')})")
+        log.info("clearing the dead envfs mount on %s", path)
+        subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True, timeout=30)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadMountpoint(f"mountpoint {path} does not exist") from None
+    except OSError as e:
+        raise BadMountpoint(f"mountpoint {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise BadMountpoint(f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise BadMountpoint(f"{path} is already a mountpoint")
+    if os.listdir(path):
+        raise BadMountpoint(f"mountpoint {path} is not empty")
+    return path
+
+
+def hsm_for(superblock: Superblock, stack: ExitStack, pin: str) -> Hsm:
+    """Open the store's HSM; for the embedded token, start its server first."""
+    if superblock.hsm.type == "embedded":
+        server = embedded.TokenServer(embedded.EmbeddedToken())
+        os.environ["P11_KIT_SERVER_ADDRESS"] = server.start()
+        stack.callback(server.stop)
+        module, token = server.client_module, superblock.hsm.token
+    else:
+        module, token = str(superblock.hsm.module), superblock.hsm.token
+    hsm = Hsm(module, token, pin)
+    stack.callback(hsm.close)
+    return hsm
+
+
+def recover(store: Store, metadata: Metadata) -> None:
+    """Finish what a crashed daemon left: orphans and stale data files."""
+    for inode_id in metadata.orphans():
+        inode = metadata.get_inode(inode_id)
+        if inode is not None:
+            log.info("deleting orphan inode %d", inode_id)
+            delete_inode(store, metadata, inode)
+    if metadata.get_setting("mounted") != 1:
+        return
+    log.info("the store was not unmounted cleanly; checking data files")
+    for inode_id, key_version, key_epoch, path in store.data_files():
+        inode = metadata.get_inode(inode_id)
+        if inode is None or (inode.key_version, inode.key_epoch) != (key_version, key_epoch):
+            log.info("removing stale data file %s", path.name)
+            path.unlink(missing_ok=True)
+
+
+# -- the daemon --------------------------------------------------------------------
+
+
+def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, options: MountOptions,
+          ready: Callable[[EnvfsError | None], None]) -> None:  # fmt: skip
+    """Run the filesystem until it is unmounted. Calls `ready` once, before serving."""
+    harden_process()
+    with ExitStack() as stack:
+        try:
+            lock = store.lock(mountpoint)
+            stack.callback(lock.release)
+            hsm = hsm_for(superblock, stack, pin)
+            keys = KeyRing(hsm, superblock)
+            stack.callback(keys.close)
+            keys.verify()
+            metadata = Metadata(store.metadata_path, keys.metadata_mac())
+            stack.callback(metadata.close)
+            recover(store, metadata)
+            metadata.set_setting("mounted", 1)
+            metadata.sync()
+            names = keys.name_cipher()
+            zero_queue_send, zero_queue_receive = trio.open_memory_channel[bytearray](math.inf)
+            operations = Operations(
+                store, metadata, keys, names,
+                rekey_after=options.rekey_after or superblock.rekey_after_block_writes,
+                after_reply=zero_queue_send.send_nowait,
+            )  # fmt: skip
+            fuse_options = set(pyfuse3.default_options)
+            fuse_options |= {f"fsname=envfs:{_escape_option(str(store.path))}", "subtype=envfs"}
+            if options.allow_other:
+                fuse_options.add("allow_other")
+            if options.debug:
+                fuse_options.add("debug")
+            try:
+                pyfuse3.init(operations, mountpoint, fuse_options)
+            except RuntimeError as e:
+                raise MountFailed(f"mounting {mountpoint} failed: {e}") from e
+        except EnvfsError as e:
+            ready(e)
+            return
+        clean = False
+
+        def finish() -> None:
+            pyfuse3.close(unmount=not clean)
+            operations.destroy()
+            metadata.set_setting("mounted", 0)
+            metadata.sync()
+
+        stack.callback(finish)
+        log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
+        ready(None)
+        trio.run(_main, zero_queue_receive)
+        clean = True
+        log.info("unmounted %s", mountpoint)
+
+
+async def _main(zero_queue: trio.MemoryReceiveChannel[bytearray]) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_zero_read_buffers, zero_queue)
+        nursery.start_soon(_terminate_on_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _zero_read_buffers(queue: trio.MemoryReceiveChannel[bytearray]) -> None:
+    async for buf in queue:
+        zero_buffer(buf)
+
+
+async def _terminate_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+
+
+def _escape_option(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(",", "\\,")
+
+
+# -- foreground and background ------------------------------------------------------
+
+
+def mount(store_path: str, mountpoint: str, pin: str, options: MountOptions) -> None:
+    """Mount a store; in the background unless options.foreground."""
+    store = Store(store_path)
+    superblock = store.read_superblock()
+    mountpoint = check_mountpoint(mountpoint)
+    holder = store.lock_holder()
+    if holder is not None:
+        from .errors import StoreBusy
+
+        raise StoreBusy(f"{store.path} is already mounted on {holder.get('mountpoint')} (pid {holder.get('pid')})")
+    log_file = options.log_file or str(embedded.data_dir() / "logs" / f"{superblock.uuid}.log")
+    if options.foreground:
+        _setup_logging(None, options.debug)
+        errors: list[EnvfsError] = []
+        serve(store, superblock, mountpoint, pin, options, lambda e: errors.append(e) if e else None)
+        if errors:
+            raise errors[0]
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        code = 0
+        try:
+            os.setsid()
+            _detach(log_file, options.debug)
+            reported = False
+
+            def ready(error: EnvfsError | None) -> None:
+                nonlocal reported
+                message = "ok" if error is None else f"{type(error).__name__}\t{error.exit_code}\t{error}"
+                os.write(write_end, message.encode() + b"\n")
+                os.close(write_end)
+                reported = True
+
+            serve(store, superblock, mountpoint, pin, options, ready)
+        except BaseException:
+            log.exception("daemon failed")
+            code = 1
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(write_end)
+    answer = _read_all(read_end).decode(errors="replace").strip()
+    if answer == "ok":
+        return
+    if not answer:
+        os.waitpid(pid, 0)
+        raise MountFailed(f"the envfs daemon exited before mounting; see {log_file}")
+    os.waitpid(pid, 0)
+    name, code, message = answer.split("\t", 2)
+    error = MountFailed(message)
+    error.exit_code = int(code)
+    raise error
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def _detach(log_file: str, debug: bool) -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    _setup_logging(log_file, debug)
+
+
+def _setup_logging(log_file: str | None, debug: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        handler: logging.Handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s envfs[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+# -- unmount ---------------------------------------------------------------------
+
+
+def unmount(mountpoint: str, timeout: float = 60.0) -> None:
+    """Unmount and wait until the daemon has flushed, shredded keys and exited."""
+    entry = find_mount(mountpoint)
+    if entry is None:
+        raise NotMounted(f"{os.path.abspath(mountpoint)} is not an envfs mount")
+    holder = store_of_source(entry.source).lock_holder()
+    pid = holder.get("pid") if holder else None
+    lazy = ["-z"] if pid is None else []
+    result = subprocess.run(["fusermount3", "-u", *lazy, entry.mountpoint], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "fusermount3 failed"
+        raise MountFailed(f"unmounting {entry.mountpoint}: {message}")
+    if isinstance(pid, int):
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise MountFailed(f"the envfs daemon (pid {pid}) did not exit within {timeout:.0f} s")
+            time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+    except OSError as e:
+        return e.errno != errno.ENOENT

@@ -1,0 +1,131 @@
+"""The only owner of key bytes, and the helpers that shred plaintext.
+
+A `Secret` lives in its own anonymous mapping: locked in RAM where the
+RLIMIT allows, excluded from core dumps, wiped in a forked child, and zeroed
+by `wipe()`. Nothing here has a repr that shows contents.
+
+`zero_bytes` overwrites an immutable `bytes` object in place. That is only
+sound for a object nobody else can see: CPython shares the empty and 1-byte
+objects process-wide, and a hashed object sits in dicts by its hash. Callers
+pass only request payloads that pyfuse3 created for them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import mmap
+from collections.abc import Callable
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+_MADV_DONTDUMP = 16
+_MADV_WIPEONFORK = 18
+_PR_SET_DUMPABLE = 4
+_PR_SET_PDEATHSIG = 1
+
+# Layout of a CPython bytes object: header, ob_shash (-1 until hashed), ob_sval.
+_BYTES_DATA_OFFSET = bytes.__basicsize__ - 1
+_BYTES_HASH_OFFSET = _BYTES_DATA_OFFSET - ctypes.sizeof(ctypes.c_ssize_t)
+
+
+class Secret:
+    """A fixed-size buffer of key material in locked, non-dumpable memory.
+
+    Use `view` to let a library write into or read from it, then `wipe()`.
+    """
+
+    __slots__ = ("_map", "_size", "_locked")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        length = max(mmap.PAGESIZE, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+        self._map: mmap.mmap | None = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self._locked = _libc.mlock(address, length) == 0
+        _libc.madvise(address, length, _MADV_DONTDUMP)
+        _libc.madvise(address, length, _MADV_WIPEONFORK)
+
+    @property
+    def view(self) -> memoryview:
+        if self._map is None:
+            raise ValueError("secret already wiped")
+        return memoryview(self._map)[: self._size]
+
+    def build(self, factory: Callable[[bytearray], T]) -> T:
+        """Hand the key to a constructor that copies it (an AEAD, an HMAC).
+
+        `cryptography` copies the key into OpenSSL contexts but keeps a
+        reference to the buffer it was given; it gets a private copy that is
+        zeroed at once, so this Secret can still be wiped and unmapped.
+        """
+        key_copy = bytearray(self.view)
+        try:
+            return factory(key_copy)
+        finally:
+            zero_buffer(key_copy)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def wipe(self) -> None:
+        """Zero and release the memory; safe to call twice."""
+        mapping, self._map = self._map, None
+        if mapping is None:
+            return
+        mapping[:] = bytes(len(mapping))
+        mapping.close()
+
+    def __enter__(self) -> Secret:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wipe()
+
+    def __del__(self) -> None:
+        self.wipe()
+
+    def __repr__(self) -> str:
+        state = "wiped" if self._map is None else f"{self._size} bytes"
+        return f"<Secret {state}>"
+
+
+def zero_buffer(buf: bytearray | memoryview) -> None:
+    """Zero a writable buffer without allocating a same-size temporary."""
+    view = memoryview(buf).cast("B")
+    if len(view):
+        ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(view)), 0, len(view))
+
+
+def zero_bytes(data: bytes) -> None:
+    """Overwrite the payload of a private `bytes` object in place.
+
+    Objects of length 0 or 1 may be interpreter-wide singletons, and a hashed
+    object may be a dict key: both are left alone, as is anything that is not
+    exactly `bytes`.
+    """
+    if type(data) is not bytes or len(data) < 2:
+        return
+    if ctypes.c_ssize_t.from_address(id(data) + _BYTES_HASH_OFFSET).value != -1:
+        return
+    ctypes.memset(id(data) + _BYTES_DATA_OFFSET, 0, len(data))
+
+
+def harden_process() -> None:
+    """Refuse core dumps and ptrace attach by other same-uid processes."""
+    if _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_DUMPABLE, 0) failed: errno %d", ctypes.get_errno())
+
+
+def die_with_parent(signal_number: int) -> None:
+    """In a forked child: get `signal_number` when the parent thread exits."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal_number, 0, 0, 0)

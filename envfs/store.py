@@ -1,0 +1,267 @@
+"""The store directory: superblock, data file paths, and the mount lock.
+
+STORE/envfs.json   superblock (JSON, MACed; docs/FORMAT.md)
+STORE/meta.db      metadata (SQLite, see `metadata`)
+STORE/data/HH/ID.V.E  ciphertext of inode ID (16 hex digits) under key
+                   version V and key epoch E; HH = last two hex digits
+STORE/lock         flock()ed by the mounted daemon; holds its pid
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .blocks import BLOCK_SIZE
+from .errors import CorruptStore, NotAStore, StoreBusy, StoreExists, UnsupportedFormat
+
+FORMAT_NAME = "envfs"
+FORMAT_VERSION = 1
+SUPERBLOCK = "envfs.json"
+METADATA = "meta.db"
+DATA = "data"
+LOCK = "lock"
+
+# Random 96-bit nonces: after 2^31 block encryptions under one key, a
+# nonce collision has probability below 2^-35 (docs/FORMAT.md).
+DEFAULT_REKEY_AFTER = 2**31
+
+
+@dataclass
+class HsmLocator:
+    """Where the master keys live; never a PIN."""
+
+    type: str  # "embedded" or "pkcs11"
+    token: str
+    module: str | None = None
+
+
+@dataclass
+class KeyVersion:
+    version: int
+    label: str
+    check: str  # hex of the first 16 bytes of the key check derivation
+
+
+@dataclass
+class Superblock:
+    uuid: uuid.UUID
+    hsm: HsmLocator
+    keys: list[KeyVersion]
+    current_key_version: int
+    rekey_after_block_writes: int = DEFAULT_REKEY_AFTER
+    block_size: int = BLOCK_SIZE
+    format_version: int = FORMAT_VERSION
+    mac: str = field(default="")
+
+    def key(self, version: int) -> KeyVersion:
+        for key in self.keys:
+            if key.version == version:
+                return key
+        raise CorruptStore(f"superblock has no key version {version}")
+
+    def to_json(self, *, with_mac: bool = True) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "uuid": str(self.uuid),
+            "block_size": self.block_size,
+            "hsm": {k: v for k, v in asdict(self.hsm).items() if v is not None},
+            "keys": [asdict(k) for k in self.keys],
+            "current_key_version": self.current_key_version,
+            "rekey_after_block_writes": self.rekey_after_block_writes,
+        }
+        if with_mac:
+            body["mac"] = self.mac
+        return body
+
+    def mac_input(self) -> bytes:
+        """Canonical JSON of every field but `mac`: the superblock MAC's input."""
+        return json.dumps(self.to_json(with_mac=False), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> Superblock:
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise NotAStore(f"{where} is not an envfs store")
+        version = data.get("format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise UnsupportedFormat(f"{where}: format version {version} is newer than this envfs ({FORMAT_VERSION})")
+        try:
+            superblock = cls(
+                uuid=uuid.UUID(data["uuid"]),
+                hsm=HsmLocator(**data["hsm"]),
+                keys=[KeyVersion(**k) for k in data["keys"]],
+                current_key_version=int(data["current_key_version"]),
+                rekey_after_block_writes=int(data["rekey_after_block_writes"]),
+                block_size=int(data["block_size"]),
+                format_version=int(version),  # type: ignore[arg-type]
+                mac=str(data["mac"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptStore(f"{where}: superblock damaged ({type(e).__name__}: {e})") from e
+        if superblock.block_size != BLOCK_SIZE or superblock.format_version != FORMAT_VERSION:
+            raise CorruptStore(f"{where}: superblock damaged (block size or format version)")
+        if superblock.hsm.type not in ("embedded", "pkcs11") or not superblock.keys:
+            raise CorruptStore(f"{where}: superblock damaged (hsm or keys)")
+        superblock.key(superblock.current_key_version)
+        return superblock
+
+
+class Store:
+    """Paths and files of one store directory."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).absolute()
+        self.superblock_path = self.path / SUPERBLOCK
+        self.metadata_path = self.path / METADATA
+        self.data_path = self.path / DATA
+        self.lock_path = self.path / LOCK
+
+    def read_superblock(self) -> Superblock:
+        if not self.path.is_dir():
+            raise NotAStore(f"{self.path}: no such directory")
+        try:
+            raw = self.superblock_path.read_bytes()
+        except FileNotFoundError as e:
+            raise NotAStore(f"{self.path} is not an envfs store (no {SUPERBLOCK})") from e
+        except OSError as e:
+            raise CorruptStore(f"{self.superblock_path}: {e.strerror}") from e
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptStore(f"{self.superblock_path}: superblock damaged (not JSON)") from e
+        return Superblock.from_json(data, str(self.path))
+
+    def write_superblock(self, superblock: Superblock) -> None:
+        """Replace the superblock atomically and durably."""
+        tmp = self.superblock_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(superblock.to_json(), f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.superblock_path)
+        _fsync_dir(self.path)
+
+    def check_new(self) -> None:
+        """Refuse to create a store over anything but an empty directory."""
+        if self.path.exists():
+            if not self.path.is_dir():
+                raise StoreExists(f"{self.path} exists and is not a directory")
+            if any(self.path.iterdir()):
+                raise StoreExists(f"{self.path} is not empty")
+
+    def prepare_new(self) -> None:
+        """Create the directory for a new store; refuse a non-empty one."""
+        self.check_new()
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.data_path.mkdir(mode=0o700)
+
+    # -- data files ----------------------------------------------------------
+
+    def data_file(self, inode_id: int, key_version: int, key_epoch: int) -> Path:
+        return self.data_path / f"{inode_id & 0xFF:02x}" / f"{inode_id:016x}.{key_version}.{key_epoch}"
+
+    def open_data_file(self, inode_id: int, key_version: int, key_epoch: int, *, create: bool) -> int:
+        path = self.data_file(inode_id, key_version, key_epoch)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        try:
+            return os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            if not create:
+                raise
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            _fsync_dir(self.data_path)
+            return os.open(path, flags, 0o600)
+
+    def remove_data_file(self, inode_id: int, key_version: int, key_epoch: int) -> None:
+        try:
+            os.unlink(self.data_file(inode_id, key_version, key_epoch))
+        except FileNotFoundError:
+            pass
+
+    def data_files(self) -> list[tuple[int, int, int, Path]]:
+        """Every data file as (inode id, key version, key epoch, path)."""
+        found = []
+        if not self.data_path.is_dir():
+            return found
+        for sub in self.data_path.iterdir():
+            for entry in sub.iterdir() if sub.is_dir() else ():
+                parts = entry.name.split(".")
+                try:
+                    found.append((int(parts[0], 16), int(parts[1]), int(parts[2]), entry))
+                except (IndexError, ValueError):
+                    continue
+        return found
+
+    def sync_data_dir(self, inode_id: int) -> None:
+        _fsync_dir(self.data_path / f"{inode_id & 0xFF:02x}")
+
+    # -- lock ----------------------------------------------------------------
+
+    def lock(self, mountpoint: str) -> StoreLock:
+        """Take the store's mount lock; StoreBusy if a live daemon holds it."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                holder = self.lock_holder()
+                where = f" on {holder['mountpoint']} (pid {holder['pid']})" if holder else ""
+                raise StoreBusy(f"{self.path} is already mounted{where}") from e
+            raise
+        return StoreLock(fd, mountpoint)
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        """The pid and mountpoint of the daemon holding the lock, if any."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                data = os.pread(fd, 4096, 0)
+                try:
+                    return dict(json.loads(data))
+                except (ValueError, TypeError):
+                    return {"pid": None, "mountpoint": None}
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+
+class StoreLock:
+    """A held mount lock; records the holder's pid and mountpoint."""
+
+    def __init__(self, fd: int, mountpoint: str) -> None:
+        self.fd = fd
+        self.update(mountpoint)
+
+    def update(self, mountpoint: str) -> None:
+        data = json.dumps({"pid": os.getpid(), "mountpoint": mountpoint}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,101 @@
+"""Test helpers: run the real `envfs` command against a private token."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENVFS = [sys.executable, "-m", "envfs"]
+PIN = "test-pin-1234"
+
+
+def envfs_mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if " - fuse.envfs " in line]
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] in "ZX"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+
+
+class Envfs:
+    """One test's envfs world: XDG_DATA_HOME (token), PIN, store and mountpoint."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data_home = root / "xdg"
+        self.store = root / "store"
+        self.mnt = root / "mnt"
+        self.mnt.mkdir()
+        self.log = root / "daemon.log"
+        self.env = dict(os.environ, XDG_DATA_HOME=str(self.data_home), ENVFS_PIN=PIN)
+        self.env.pop("P11_KIT_SERVER_ADDRESS", None)
+        self.env.pop("ENVFS_REKEY_AFTER", None)
+
+    def run(self, *args: str, check: bool = True, env: dict[str, str] | None = None,
+            timeout: float = 90) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        result = subprocess.run(
+            [*ENVFS, *args], env=env or self.env, capture_output=True, text=True, timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        if check and result.returncode != 0:
+            raise AssertionError(f"envfs {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
+        return result
+
+    def init(self, *extra: str) -> None:
+        self.run("init", str(self.store), *extra)
+
+    def mount(self, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.run("mount", str(self.store), str(self.mnt), "--log", str(self.log), *extra, env=env)
+        assert str(self.mnt) in envfs_mounts()
+
+    def unmount(self) -> None:
+        self.run("unmount", str(self.mnt))
+        assert str(self.mnt) not in envfs_mounts()
+
+    def remount(self) -> None:
+        self.unmount()
+        self.mount()
+
+    def daemon_pid(self) -> int:
+        holder = json.loads((self.store / "lock").read_text() or "{}")
+        return int(holder["pid"])
+
+    def status(self) -> dict[str, object]:
+        return json.loads(self.run("status", str(self.store), "--json").stdout)
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def cleanup(self) -> None:
+        """Unmount and stop everything this test started, whatever state it is in."""
+        pid = None
+        try:
+            pid = self.daemon_pid()
+        except (OSError, ValueError, KeyError):
+            pass
+        if str(self.mnt) in envfs_mounts():
+            result = self.run("unmount", str(self.mnt), "--timeout", "20", check=False, timeout=40)
+            if result.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        if pid is not None and not process_gone(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 10
+            while not process_gone(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if str(self.mnt) in envfs_mounts():
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
+        shutil.rmtree(self.root / "scratch", ignore_errors=True)

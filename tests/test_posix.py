@@ -1,0 +1,366 @@
+"""POSIX behaviour through a real mount, driven with Python's os module."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from helpers import Envfs
+
+
+def test_write_read_remount(store: Envfs) -> None:
+    store.mount()
+    data = os.urandom(3 * 4096 + 123)
+    (store.mnt / "f").write_bytes(data)
+    assert (store.mnt / "f").read_bytes() == data
+    store.remount()
+    assert (store.mnt / "f").read_bytes() == data
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 8192, 100_000])
+def test_random_offsets(mounted: Path, size: int) -> None:
+    path = mounted / "f"
+    model = bytearray(os.urandom(size))
+    path.write_bytes(model)
+    rng = __import__("random").Random(size)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for _ in range(60):
+            off = rng.randrange(0, len(model) + 9000)
+            chunk = os.urandom(rng.choice([1, 7, 4096, 5000, rng.randrange(1, 12000)]))
+            os.pwrite(fd, chunk, off)
+            if off > len(model):
+                model += bytes(off - len(model))
+            model[off : off + len(chunk)] = chunk
+            ro = rng.randrange(0, len(model) + 10)
+            assert os.pread(fd, 9000, ro) == bytes(model[ro : ro + 9000])
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(model)
+    assert os.stat(path).st_size == len(model)
+
+
+def test_append_and_trunc(mounted: Path) -> None:
+    path = mounted / "log"
+    for i in range(50):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(fd, f"line {i}\n".encode())
+        os.close(fd)
+    assert path.read_text().splitlines()[-1] == "line 49"
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    os.close(fd)
+    assert path.read_bytes() == b""
+
+
+def test_truncate_grow_shrink(mounted: Path) -> None:
+    path = mounted / "t"
+    data = os.urandom(10_000)
+    path.write_bytes(data)
+    os.truncate(path, 5000)
+    assert path.read_bytes() == data[:5000]
+    os.truncate(path, 20_000)
+    assert path.read_bytes() == data[:5000] + bytes(15_000)
+    os.truncate(path, 4096)
+    assert path.read_bytes() == data[:4096]
+    with open(path, "r+b") as f:
+        f.seek(9000)
+        f.write(b"end")
+    assert path.read_bytes() == data[:4096] + bytes(9000 - 4096) + b"end"
+
+
+def test_sparse_terabyte_is_instant_and_small(store: Envfs) -> None:
+    store.mount()
+    path = store.mnt / "sparse"
+    start = time.monotonic()
+    os.truncate(path.as_posix() if path.exists() else _touch(path), 1 << 40)
+    assert time.monotonic() - start < 5
+    assert os.stat(path).st_size == 1 << 40
+    used = sum(f.stat().st_blocks * 512 for f in (store.store / "data").rglob("*") if f.is_file())
+    assert used < 1 << 20
+    with open(path, "rb") as f:
+        f.seek((1 << 40) - 10)
+        assert f.read() == bytes(10)
+        f.seek(12345678901)
+        assert f.read(100) == bytes(100)
+
+
+def _touch(path: Path) -> str:
+    path.touch()
+    return path.as_posix()
+
+
+def test_o_direct(mounted: Path) -> None:
+    import mmap
+
+    path = mounted / "direct"
+    buf = mmap.mmap(-1, 8192)
+    buf.write(os.urandom(8192))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
+    try:
+        assert os.write(fd, buf) == 8192
+        out = mmap.mmap(-1, 8192)
+        assert os.preadv(fd, [out], 0) == 8192
+        assert out[:] == buf[:]
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == buf[:]
+
+
+def test_fsync_and_fdatasync(mounted: Path) -> None:
+    fd = os.open(mounted / "s", os.O_RDWR | os.O_CREAT, 0o600)
+    os.write(fd, b"durable")
+    os.fsync(fd)
+    os.fdatasync(fd)
+    os.close(fd)
+    dfd = os.open(mounted, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(dfd)
+    os.close(dfd)
+
+
+def test_directories_thousands_of_entries(mounted: Path) -> None:
+    d = mounted / "many"
+    d.mkdir()
+    names = {f"file-{i:05d}-{'x' * (i % 40)}" for i in range(3000)}
+    for name in names:
+        (d / name).write_bytes(b"")
+    assert set(os.listdir(d)) == names
+    entries = list(os.scandir(d))
+    assert len({e.inode() for e in entries}) == len(names)
+    for name in list(names)[:1000]:
+        (d / name).unlink()
+    assert len(os.listdir(d)) == 2000
+
+
+def test_readdir_dot_entries_and_nlink(mounted: Path) -> None:
+    (mounted / "a" / "b").mkdir(parents=True)
+    (mounted / "a" / "c").mkdir()
+    assert os.stat(mounted / "a").st_nlink == 4
+    os.rmdir(mounted / "a" / "c")
+    assert os.stat(mounted / "a").st_nlink == 3
+    assert os.stat(mounted / "a" / "b" / "..").st_ino == os.stat(mounted / "a").st_ino
+
+
+def test_rename_semantics(mounted: Path) -> None:
+    (mounted / "d1").mkdir()
+    (mounted / "d2").mkdir()
+    (mounted / "d1" / "f").write_text("one")
+    (mounted / "d2" / "g").write_text("two")
+    os.rename(mounted / "d1" / "f", mounted / "d2" / "g")
+    assert (mounted / "d2" / "g").read_text() == "one"
+    assert not (mounted / "d1" / "f").exists()
+    # over an empty directory
+    (mounted / "d3").mkdir()
+    os.rename(mounted / "d1", mounted / "d3")
+    assert not (mounted / "d1").exists()
+    # over a non-empty directory
+    with pytest.raises(OSError) as e:
+        os.rename(mounted / "d3", mounted / "d2")
+    assert e.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
+    # dir over file and file over dir
+    (mounted / "file").write_text("x")
+    with pytest.raises(IsADirectoryError):
+        os.rename(mounted / "file", mounted / "d2")
+    with pytest.raises(NotADirectoryError):
+        os.rename(mounted / "d3", mounted / "file")
+    # a directory moves across parents: nlink of both parents changes
+    (mounted / "p1" / "sub").mkdir(parents=True)
+    (mounted / "p2").mkdir()
+    os.rename(mounted / "p1" / "sub", mounted / "p2" / "sub")
+    assert os.stat(mounted / "p1").st_nlink == 2
+    assert os.stat(mounted / "p2").st_nlink == 3
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, bytes(src), at_fdcwd, bytes(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def test_rename_noreplace_and_exchange(mounted: Path) -> None:
+    a, b = mounted / "a", mounted / "b"
+    a.write_text("A")
+    b.write_text("B")
+    with pytest.raises(FileExistsError):
+        _renameat2(a, b, 1)  # RENAME_NOREPLACE
+    _renameat2(a, b, 2)  # RENAME_EXCHANGE
+    assert a.read_text() == "B" and b.read_text() == "A"
+    (mounted / "dir").mkdir()
+    _renameat2(a, mounted / "dir", 2)
+    assert (mounted / "a").is_dir() and (mounted / "dir").read_text() == "B"
+    with pytest.raises(FileNotFoundError):
+        _renameat2(b, mounted / "missing", 2)
+
+
+def test_hard_links(mounted: Path) -> None:
+    (mounted / "orig").write_text("shared")
+    os.link(mounted / "orig", mounted / "link")
+    assert os.stat(mounted / "orig").st_nlink == 2
+    assert os.stat(mounted / "orig").st_ino == os.stat(mounted / "link").st_ino
+    with open(mounted / "link", "a") as f:
+        f.write("!")
+    assert (mounted / "orig").read_text() == "shared!"
+    os.unlink(mounted / "orig")
+    assert os.stat(mounted / "link").st_nlink == 1
+    assert (mounted / "link").read_text() == "shared!"
+    (mounted / "adir").mkdir()
+    with pytest.raises(PermissionError):
+        os.link(mounted / "adir", mounted / "adir2")
+
+
+def test_symlinks_up_to_path_max(mounted: Path) -> None:
+    os.symlink("target/of/link", mounted / "l")
+    assert os.readlink(mounted / "l") == "target/of/link"
+    assert os.lstat(mounted / "l").st_size == len("target/of/link")
+    long_target = "x" * 4095
+    os.symlink(long_target, mounted / "long")
+    assert os.readlink(mounted / "long") == long_target
+
+
+def test_name_limits(mounted: Path) -> None:
+    (mounted / ("n" * 255)).write_text("ok")
+    assert (mounted / ("n" * 255)).read_text() == "ok"
+    with pytest.raises(OSError) as e:
+        (mounted / ("n" * 256)).write_text("no")
+    assert e.value.errno == errno.ENAMETOOLONG
+    assert os.statvfs(mounted).f_namemax == 255
+
+
+def test_deep_path_max(mounted: Path) -> None:
+    component = "d" * 200
+    path = mounted
+    depth = 0
+    while len(str(path / component).encode()) < 4000:
+        path = path / component
+        path.mkdir()
+        depth += 1
+    (path / "leaf").write_text("deep")
+    assert (path / "leaf").read_text() == "deep"
+    assert depth >= 15
+
+
+def test_special_files(mounted: Path) -> None:
+    os.mkfifo(mounted / "fifo", 0o640)
+    assert stat.S_ISFIFO(os.stat(mounted / "fifo").st_mode)
+    os.mknod(mounted / "sock", 0o600 | stat.S_IFSOCK)
+    assert stat.S_ISSOCK(os.stat(mounted / "sock").st_mode)
+    os.mknod(mounted / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    st = os.stat(mounted / "null")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+
+
+def test_chmod_chown_utimens(mounted: Path) -> None:
+    path = mounted / "f"
+    path.write_text("x")
+    os.chmod(path, 0o4751)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o4751
+    os.chown(path, 1234, 5678)
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    os.utime(path, ns=(1_000_000_001, 2_000_000_002))
+    st = os.stat(path)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_001, 2_000_000_002)
+    before = os.stat(path).st_ctime_ns
+    time.sleep(0.01)
+    os.chmod(path, 0o600)
+    assert os.stat(path).st_ctime_ns > before
+
+
+def test_xattrs(mounted: Path) -> None:
+    path = mounted / "f"
+    path.write_text("x")
+    os.setxattr(path, "user.color", b"blue")
+    os.setxattr(path, "trusted.t", b"\x00\x01")
+    os.setxattr(path, "security.s", b"")
+    assert os.getxattr(path, "user.color") == b"blue"
+    assert os.getxattr(path, "security.s") == b""
+    assert set(os.listxattr(path)) == {"user.color", "trusted.t", "security.s"}
+    with pytest.raises(OSError) as e:
+        os.getxattr(path, "user.missing")
+    assert e.value.errno == errno.ENODATA
+    with pytest.raises(FileExistsError):
+        os.setxattr(path, "user.color", b"red", os.XATTR_CREATE)
+    with pytest.raises(OSError) as e:
+        os.setxattr(path, "user.none", b"red", os.XATTR_REPLACE)
+    assert e.value.errno == errno.ENODATA
+    os.removexattr(path, "user.color")
+    with pytest.raises(OSError) as e:
+        os.removexattr(path, "user.color")
+    assert e.value.errno == errno.ENODATA
+    os.symlink("f", mounted / "l")
+    with pytest.raises(PermissionError):
+        os.setxattr(mounted / "l", "user.x", b"1", follow_symlinks=False)
+
+
+def test_xattr_small_buffer_erange(mounted: Path) -> None:
+    import ctypes
+
+    path = mounted / "f"
+    path.write_text("x")
+    os.setxattr(path, "user.big", b"v" * 100)
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(10)
+    assert libc.getxattr(bytes(path), b"user.big", buf, 10) == -1
+    assert ctypes.get_errno() == errno.ERANGE
+    assert libc.getxattr(bytes(path), b"user.big", None, 0) == 100
+
+
+def test_unlinked_open_file_lives_until_close(store: Envfs) -> None:
+    store.mount()
+    path = store.mnt / "tmp"
+    data = os.urandom(50_000)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDWR)
+    os.unlink(path)
+    assert not path.exists()
+    assert os.pread(fd, 60_000, 0) == data
+    os.pwrite(fd, b"more", 50_000)
+    assert os.fstat(fd).st_size == 50_004
+    data_files = list((store.store / "data").rglob("*.*.*"))
+    assert len(data_files) == 1
+    os.close(fd)
+    deadline = time.monotonic() + 10
+    while list((store.store / "data").rglob("*.*.*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list((store.store / "data").rglob("*.*.*"))
+
+
+def test_inode_numbers_are_ids_never_reused(store: Envfs) -> None:
+    store.mount()
+    seen = set()
+    for i in range(20):
+        p = store.mnt / f"f{i}"
+        p.write_text("x")
+        seen.add(os.stat(p).st_ino)
+        p.unlink()
+    p = store.mnt / "last"
+    p.write_text("x")
+    assert os.stat(p).st_ino not in seen
+    assert os.stat(p).st_ino > max(seen)
+    assert os.stat(store.mnt).st_ino == 1
+    ino = os.stat(p).st_ino
+    store.remount()
+    assert os.stat(p).st_ino == ino
+
+
+def test_statfs_reports_real_figures(mounted: Path) -> None:
+    st = os.statvfs(mounted)
+    assert st.f_bsize == 4096 and st.f_blocks > 0 and 0 < st.f_bavail <= st.f_blocks
+    assert st.f_files > 0 and st.f_namemax == 255
+
+
+def test_access(mounted: Path) -> None:
+    path = mounted / "x"
+    path.write_text("#!/bin/sh\n")
+    os.chmod(path, 0o644)
+    assert os.access(path, os.R_OK | os.W_OK)
+    assert not os.access(path, os.X_OK)
+    os.chmod(path, 0o755)
+    assert os.access(path, os.X_OK)
