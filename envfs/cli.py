@@ -96,7 +96,10 @@ def cmd_init(args: argparse.Namespace) -> None:
             hsm = hsm_for(superblock, stack, pin)
             admin = HsmAdmin(hsm.module_path, hsm.token_label, pin)
             try:
-                admin.generate_master_key(label)
+                if args.import_master_key_file:
+                    admin.import_master_key(label, _read_master_key(args.import_master_key_file))
+                else:
+                    admin.generate_master_key(label)
             finally:
                 admin.close()
             keys = KeyRing(hsm, superblock)
@@ -123,6 +126,19 @@ def cmd_init(args: argparse.Namespace) -> None:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
     print(f"initialised envfs store {store.path} (uuid {store_uuid}, key {label})")
+
+
+def _read_master_key(path: str) -> bytes:
+    """A 32-byte master key as 64 hex digits (test vectors and migrations only)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        key = bytes.fromhex(text)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read a hex master key from {path}: {e}") from e
+    if len(key) != 32:
+        raise UsageError(f"{path}: the master key must be 32 bytes (64 hex digits), not {len(key)}")
+    return key
 
 
 def cmd_mount(args: argparse.Namespace) -> None:
@@ -201,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pkcs11-uri", metavar="URI", help="pkcs11:token=LABEL;module-path=PATH")
     p.add_argument("--pin-file", metavar="FILE")
     p.add_argument("--rekey-after", type=int, metavar="N", help="block writes per file key (nonce bound)")
+    p.add_argument(
+        "--import-master-key-file", metavar="FILE",
+        help="import this hex master key instead of generating one in the HSM (test vectors, migration)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("mount", help="mount a store")
