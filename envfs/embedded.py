@@ -132,6 +132,10 @@ class TokenServer:
         return f"unix:path={socket_path}"
 
     @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 

@@ -186,10 +186,13 @@ class Hsm:
     the login session would log the whole application out.
     """
 
-    def __init__(self, module_path: str, token_label: str, pin: str) -> None:
+    def __init__(
+        self, module_path: str, token_label: str, pin: str, before_reconnect: Callable[[], None] | None = None
+    ) -> None:
         self.module_path = module_path
         self.token_label = token_label
         self._pin = pin.encode()
+        self._before_reconnect = before_reconnect
         self._module = _Module(module_path)
         self._session: int | None = None
         self._keys: dict[str, int] = {}
@@ -227,11 +230,14 @@ class Hsm:
         self._keys.clear()
 
     def reconnect(self) -> None:
-        """Re-initialise the module and log in again."""
+        """Re-initialise the module and log in again (a fresh module instance)."""
         log.warning("HSM: reconnecting to token %r", self.token_label)
         self._keys.clear()
         self._session = None
         self._module.call("C_Finalize", None)
+        if self._before_reconnect is not None:
+            self._before_reconnect()
+        self._module = _Module(self.module_path)
         self._connect()
 
     def _key(self, label: str) -> int:

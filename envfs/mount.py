@@ -121,14 +121,22 @@ def check_mountpoint(mountpoint: str) -> str:
 
 def hsm_for(superblock: Superblock, stack: ExitStack, pin: str) -> Hsm:
     """Open the store's HSM; for the embedded token, start its server first."""
+    before_reconnect = None
     if superblock.hsm.type == "embedded":
         server = embedded.TokenServer(embedded.EmbeddedToken())
         os.environ["P11_KIT_SERVER_ADDRESS"] = server.start()
         stack.callback(server.stop)
         module, token = server.client_module, superblock.hsm.token
+
+        def before_reconnect() -> None:
+            if not server.running:
+                log.warning("the embedded token server is gone; restarting it")
+                server.stop()
+                os.environ["P11_KIT_SERVER_ADDRESS"] = server.start()
+
     else:
         module, token = str(superblock.hsm.module), superblock.hsm.token
-    hsm = Hsm(module, token, pin)
+    hsm = Hsm(module, token, pin, before_reconnect)
     stack.callback(hsm.close)
     return hsm
 

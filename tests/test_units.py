@@ -1,0 +1,188 @@
+"""Unit tests of the crypto, data file and metadata layers (no mount)."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes, hmac
+
+from envfs import kdf
+from envfs.blocks import SLOT_SIZE, BlockCipher, max_data_length, min_data_length
+from envfs.datafile import DataFile
+from envfs.errors import IntegrityError
+from envfs.metadata import Metadata
+from envfs.names import NameCipher
+from envfs.secret import Secret, zero_buffer, zero_bytes
+
+STORE_UUID = uuid.UUID(int=0x1234)
+
+
+def _secret(value: bytes) -> Secret:
+    secret = Secret(len(value))
+    secret.view[:] = value
+    return secret
+
+
+def _cipher(inode: int = 7, epoch: int = 0, key: bytes = bytes(range(32))) -> BlockCipher:
+    with _secret(key) as dek:
+        return BlockCipher(dek, STORE_UUID, inode, 1, epoch)
+
+
+def test_secret_wipe_and_repr() -> None:
+    secret = _secret(b"k" * 32)
+    assert "k" not in repr(secret)
+    view = secret.view
+    assert bytes(view) == b"k" * 32
+    del view
+    secret.wipe()
+    secret.wipe()
+    with pytest.raises(ValueError):
+        _ = secret.view
+
+
+def test_zero_bytes_spares_singletons_and_hashed() -> None:
+    data = bytes(range(1, 100))
+    zero_bytes(data)
+    assert data == bytes(99)
+    single = bytes([65])
+    zero_bytes(single)
+    assert bytes([65]) == b"A"
+    hashed = bytes(range(1, 50))
+    hash(hashed)
+    zero_bytes(hashed)
+    assert hashed == bytes(range(1, 50))
+    buf = bytearray(b"abc")
+    zero_buffer(buf)
+    assert buf == bytearray(3)
+
+
+def test_info_layouts_are_distinct() -> None:
+    infos = {
+        kdf.file_dek_info(STORE_UUID, 1, 2, 0),
+        kdf.file_dek_info(STORE_UUID, 1, 2, 1),
+        kdf.file_dek_info(STORE_UUID, 2, 2, 0),
+        kdf.name_key_info(STORE_UUID, 1, 1),
+        kdf.name_key_info(STORE_UUID, 1, 2),
+        kdf.metadata_mac_info(STORE_UUID, 1),
+        kdf.key_check_info(STORE_UUID, 1),
+    }
+    assert len(infos) == 7
+    assert kdf.file_dek_info(STORE_UUID, 1, 2, 0).startswith(kdf.LABEL_FILE_DEK + b"\x00" + STORE_UUID.bytes)
+
+
+def test_block_binding() -> None:
+    cipher = _cipher()
+    slot = bytearray(SLOT_SIZE)
+    n = cipher.encrypt_into(3, memoryview(b"p" * 4096), memoryview(slot))
+    out = bytearray(4096)
+    assert cipher.decrypt_into(3, memoryview(slot)[:n], memoryview(out)) == 4096
+    for other in (_cipher(inode=8), _cipher(epoch=1)):
+        with pytest.raises(IntegrityError):
+            other.decrypt_into(3, memoryview(slot)[:n], memoryview(out))
+    with pytest.raises(IntegrityError):
+        cipher.decrypt_into(4, memoryview(slot)[:n], memoryview(out))
+    slot[20] ^= 1
+    with pytest.raises(IntegrityError):
+        cipher.decrypt_into(3, memoryview(slot)[:n], memoryview(out))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_datafile_against_model(tmp_path: Path, seed: int) -> None:
+    """Random writes and truncates match a bytearray model, and the length rules hold."""
+    rng = random.Random(seed)
+    path = tmp_path / "data"
+    data = DataFile(os.open(path, os.O_RDWR | os.O_CREAT), _cipher(), 0)
+    model = bytearray()
+    size = 0
+    for _ in range(120):
+        if rng.random() < 0.6:
+            off = rng.choice([0, size, rng.randrange(0, size + 9000), rng.randrange(0, 20000)])
+            chunk = os.urandom(rng.choice([1, 2, 100, 4095, 4096, 4097, rng.randrange(1, 20000)]))
+            size, _ = data.write(off, memoryview(chunk), size)
+            model.extend(bytes(max(0, off - len(model))))
+            model[off : off + len(chunk)] = chunk
+        else:
+            new = rng.choice([0, rng.randrange(0, size + 1), size + rng.randrange(0, 15000)])
+            data.truncate(size, new)
+            size = new
+            del model[new:]
+            model.extend(bytes(new - len(model)))
+        assert size == len(model)
+        assert min_data_length(size) <= data.length <= max_data_length(size)
+        assert os.fstat(data.fd).st_size == data.length
+        out = bytearray(size)
+        assert data.read_into(0, memoryview(out), size) == size
+        assert out == model
+    data.close()
+    reopened = DataFile(os.open(path, os.O_RDWR), _cipher(), size)
+    copy = DataFile(os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT), _cipher(epoch=1), 0)
+    reopened.copy_to(copy, size)
+    out = bytearray(size)
+    copy.read_into(0, memoryview(out), size)
+    assert out == model
+    reopened.close()
+    copy.close()
+
+
+def test_datafile_detects_cut_short(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    data = DataFile(os.open(path, os.O_RDWR | os.O_CREAT), _cipher(), 0)
+    size, _ = data.write(0, memoryview(os.urandom(3 * 4096)), 0)
+    data.close()
+    os.truncate(path, 2 * SLOT_SIZE)
+    data = DataFile(os.open(path, os.O_RDWR), _cipher(), size)
+    out = bytearray(4096)
+    assert data.read_into(4096, memoryview(out), size) == 4096
+    with pytest.raises(IntegrityError, match="cut short"):
+        data.read_into(2 * 4096, memoryview(out), size)
+    data.close()
+
+
+def test_names_are_bound_to_their_place() -> None:
+    with _secret(bytes(range(64))) as key:
+        names = NameCipher(key)
+    ct = names.encrypt_name(1, b"secret.txt")
+    assert names.encrypt_name(1, b"secret.txt") == ct
+    assert names.decrypt_name(1, ct) == b"secret.txt"
+    with pytest.raises(IntegrityError):
+        names.decrypt_name(2, ct)
+    target = names.encrypt_target(5, b"/etc/passwd")
+    with pytest.raises(IntegrityError):
+        names.decrypt_target(6, target)
+    xname = names.encrypt_xattr_name(5, b"user.a")
+    value = names.encrypt_xattr_value(5, xname, b"")
+    assert names.decrypt_xattr_value(5, xname, value) == b""
+    with pytest.raises(IntegrityError):
+        names.decrypt_xattr_value(5, names.encrypt_xattr_name(5, b"user.b"), value)
+
+
+def test_metadata_rows_are_macd(tmp_path: Path) -> None:
+    mac = hmac.HMAC(b"m" * 32, hashes.SHA256())
+    md = Metadata(tmp_path / "meta.db", mac, create=True)
+    fields = dict(
+        mode=0o100644, uid=0, gid=0, nlink=1, rdev=0, size=10, atime_ns=1, mtime_ns=2, ctime_ns=3,
+        key_version=1, key_epoch=0, block_writes=0,
+    )  # fmt: skip
+    root = md.create_inode(**{**fields, "mode": 0o40755, "nlink": 2})
+    child = md.create_inode(**fields)
+    assert (root.id, child.id) == (1, 2)
+    with md.transaction():
+        md.add_entry(1, b"name-ct", 2)
+    assert md.lookup(1, b"name-ct").inode == 2
+    md.delete_inode(2)
+    assert md.create_inode(**fields).id == 3  # AUTOINCREMENT never reuses ids
+    db = sqlite3.connect(tmp_path / "meta.db")
+    db.execute("UPDATE inodes SET size=11 WHERE id=3")
+    db.execute("UPDATE dentries SET inode=3 WHERE parent=1")
+    db.commit()
+    db.close()
+    with pytest.raises(IntegrityError):
+        md.get_inode(3)
+    with pytest.raises(IntegrityError):
+        md.lookup(1, b"name-ct")
+    md.close()
