@@ -171,6 +171,8 @@ def _status_of(store: Store) -> dict[str, Any]:
     if holder:
         info["mountpoint"] = holder.get("mountpoint")
         info["pid"] = holder.get("pid")
+        if holder.get("counters"):
+            info["counters"] = holder["counters"]
     try:
         import sqlite3
 
@@ -200,7 +202,7 @@ def cmd_status(args: argparse.Namespace) -> None:
         for key, value in info.items():
             if key == "key_versions":
                 value = ", ".join(f"v{k['version']} ({k['label']})" for k in value)
-            elif key == "hsm":
+            elif key in ("counters", "hsm"):
                 value = " ".join(f"{k}={v}" for k, v in value.items())
             print(f"{key + ':':<20} {value}")
         print()

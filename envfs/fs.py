@@ -54,6 +54,7 @@ def handler(method: F) -> F:
         except FUSEError:
             raise
         except IntegrityError as e:
+            self.integrity_errors += 1
             log.error("integrity: %s", e)
             raise FUSEError(errno.EIO) from None
         except OSError as e:
@@ -122,6 +123,20 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.rekeys = 0
+        self.data_opens = 0
+        self.integrity_errors = 0
+
+    def counters(self) -> dict[str, int]:
+        """Figures for `envfs status` and benchmarks."""
+        return {
+            "hsm_derivations": self.keys.derivations,
+            "data_file_opens": self.data_opens,
+            "open_files": len(self._open),
+            "open_handles": len(self._handles),
+            "cached_inodes": len(self._inodes),
+            "rekeys": self.rekeys,
+            "integrity_errors": self.integrity_errors,
+        }
 
     # -- inode cache and lifetime ---------------------------------------------
 
@@ -288,6 +303,7 @@ class Operations(pyfuse3.Operations):
         return self._open_data(inode), True
 
     def _open_data(self, inode: Inode) -> DataFile:
+        self.data_opens += 1
         cipher = self.keys.file_cipher(inode.id, inode.key_version, inode.key_epoch)
         try:
             fd = self.store.open_data_file(inode.id, inode.key_version, inode.key_epoch, create=inode.size == 0)

@@ -209,17 +209,27 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         stack.callback(finish)
         log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
         ready(None)
-        trio.run(_main, zero_queue_receive)
+        trio.run(_main, zero_queue_receive, lambda: lock.update(operations.counters()))
         clean = True
         log.info("unmounted %s", mountpoint)
 
 
-async def _main(zero_queue: trio.MemoryReceiveChannel[bytearray]) -> None:
+async def _main(zero_queue: trio.MemoryReceiveChannel[bytearray], publish: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_zero_read_buffers, zero_queue)
         nursery.start_soon(_terminate_on_signals)
+        nursery.start_soon(_publish_counters, publish)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _publish_counters(publish: Callable[[], None]) -> None:
+    """Write the counters to the lock file every second, and at once on SIGUSR1."""
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        while True:
+            publish()
+            with trio.move_on_after(1):
+                await signals.__anext__()
 
 
 async def _zero_read_buffers(queue: trio.MemoryReceiveChannel[bytearray]) -> None:

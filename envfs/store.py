@@ -241,16 +241,21 @@ class Store:
 
 
 class StoreLock:
-    """A held mount lock; records the holder's pid and mountpoint."""
+    """A held mount lock; records the holder's pid, mountpoint and counters."""
+
+    _RECORD_SIZE = 4096  # JSON padded with blanks: a reader never sees a torn record
 
     def __init__(self, fd: int, mountpoint: str) -> None:
         self.fd = fd
-        self.update(mountpoint)
+        self.mountpoint = mountpoint
+        self.update()
 
-    def update(self, mountpoint: str) -> None:
-        data = json.dumps({"pid": os.getpid(), "mountpoint": mountpoint}).encode()
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, data, 0)
+    def update(self, counters: dict[str, int] | None = None) -> None:
+        record: dict[str, Any] = {"pid": os.getpid(), "mountpoint": self.mountpoint}
+        if counters:
+            record["counters"] = counters
+        data = json.dumps(record).encode()
+        os.pwrite(self.fd, data.ljust(max(self._RECORD_SIZE, len(data))), 0)
 
     def release(self) -> None:
         if self.fd >= 0:

@@ -1,0 +1,117 @@
+"""The HSM at work: derivations per open file, a token that goes away, crash recovery."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from helpers import Envfs, process_gone
+
+
+def _counters(env: Envfs) -> dict[str, int]:
+    os.kill(env.daemon_pid(), signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        record = json.loads((env.store / "lock").read_text() or "{}")
+        if "counters" in record:
+            return record["counters"]
+        time.sleep(0.05)
+    raise AssertionError("the daemon published no counters")
+
+
+def _settle(env: Envfs) -> dict[str, int]:
+    """Counters once two reads in a row agree (SIGUSR1 is handled asynchronously)."""
+    previous = _counters(env)
+    while True:
+        time.sleep(0.2)
+        current = _counters(env)
+        if current == previous:
+            return current
+        previous = current
+
+
+def test_one_derivation_per_open_file(store: Envfs) -> None:
+    store.mount()
+    for i in range(20):
+        (store.mnt / f"f{i}").write_bytes(os.urandom(5000))
+    store.remount()
+    before = _settle(store)
+    for i in range(20):
+        assert len((store.mnt / f"f{i}").read_bytes()) == 5000
+    after = _settle(store)
+    assert after["hsm_derivations"] - before["hsm_derivations"] == 20
+    # Several handles on one file share one key: one derivation.
+    fds = [os.open(store.mnt / "f0", os.O_RDONLY | os.O_DIRECT) for _ in range(5)]
+    for fd in fds:
+        os.pread(fd, 4096, 0)
+    held = _settle(store)
+    for fd in fds:
+        os.close(fd)
+    assert held["hsm_derivations"] - after["hsm_derivations"] == 1
+    assert held["open_files"] == 1
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def test_token_server_that_goes_away_is_reconnected(store: Envfs) -> None:
+    store.mount()
+    data = os.urandom(9000)
+    (store.mnt / "a").write_bytes(data)
+    (store.mnt / "b").write_bytes(data)
+    fd = os.open(store.mnt / "a", os.O_RDONLY | os.O_DIRECT)
+    servers = _children(store.daemon_pid())
+    assert servers, "the embedded token server runs as a child of the daemon"
+    for server in servers:  # the listener and, below it, the connection's p11-kit-remote
+        for child in _children(server):
+            os.kill(child, signal.SIGKILL)
+        os.kill(server, signal.SIGKILL)
+    # An open file keeps its key; a new open derives through a restarted server.
+    assert os.pread(fd, 9000, 0) == data
+    os.close(fd)
+    with open(store.mnt / "b", "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    fd = os.open(store.mnt / "b", os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.pread(fd, 9000, 0) == data
+    finally:
+        os.close(fd)
+    assert "reconnecting" in store.log_text()
+    store.remount()
+    assert (store.mnt / "a").read_bytes() == data
+
+
+def test_orphans_of_a_killed_daemon_are_cleaned_at_next_mount(store: Envfs) -> None:
+    store.mount()
+    path = store.mnt / "orphan"
+    path.write_bytes(os.urandom(20000))
+    (store.mnt / "keep").write_text("kept")
+    fd = os.open(path, os.O_RDONLY)
+    os.unlink(path)
+    assert len(list((store.store / "data").rglob("*.*.*"))) == 2
+    pid = store.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not process_gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    store.mount()
+    assert (store.mnt / "keep").read_text() == "kept"
+    assert len(list((store.store / "data").rglob("*.*.*"))) == 1
+    assert "orphan inode" in store.log_text()
