@@ -90,6 +90,7 @@ def cmd_init(args: argparse.Namespace) -> None:
     if args.rekey_after is not None:
         superblock.rekey_after_block_writes = args.rekey_after
     created = not store.path.exists()
+    os.umask(0o077)
     try:
         store.prepare_new()
         with ExitStack() as stack:

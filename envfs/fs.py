@@ -277,7 +277,7 @@ class Operations(pyfuse3.Operations):
         return self._attrs(inode)
 
     def _truncate(self, inode: Inode, size: int, now: int) -> None:
-        self._ensure_nonce_budget(inode, 2)
+        self._ensure_nonce_budget(inode, 1)
         data, temporary = self._data(inode)
         try:
             if size < inode.size:
@@ -392,6 +392,16 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._dir(parent_inode)
+        existing = self._child(parent.id, name)
+        if existing is not None:
+            # Another process created the name after the kernel's lookup: O_CREAT
+            # without O_EXCL opens what is there, as on a local filesystem.
+            if flags & os.O_EXCL:
+                raise FUSEError(errno.EEXIST)
+            if stat.S_ISDIR(existing.mode):
+                raise FUSEError(errno.EISDIR)
+            info = await self.open(existing.id, flags, ctx)
+            return info, self._lookup_ref(existing)
         with self.md.transaction():
             inode, _ = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         attrs = self._lookup_ref(inode)
@@ -596,7 +606,8 @@ class Operations(pyfuse3.Operations):
             handle, inode, open_file = self._handle(fh)
             if handle.flags & os.O_APPEND:
                 off = inode.size
-            self._ensure_nonce_budget(inode, len(buf) // 4096 + 2)
+            # A write touches at most len/4096 + 2 blocks, plus the old last block it pads.
+            self._ensure_nonce_budget(inode, len(buf) // 4096 + 3)
             new_size, writes = open_file.data.write(off, memoryview(buf), inode.size)
             inode.size = new_size
             inode.block_writes += writes
@@ -633,7 +644,7 @@ class Operations(pyfuse3.Operations):
         log.info(
             "inode %d: %d block writes under key epoch %d, re-keying", inode.id, inode.block_writes, inode.key_epoch
         )
-        old_epoch, new_epoch = inode.key_epoch, inode.key_epoch + 1
+        old_epoch, new_epoch, old_writes = inode.key_epoch, inode.key_epoch + 1, inode.block_writes
         cipher = self.keys.file_cipher(inode.id, inode.key_version, new_epoch)
         try:
             fd = self.store.open_data_file(inode.id, inode.key_version, new_epoch, create=True)
@@ -651,9 +662,13 @@ class Operations(pyfuse3.Operations):
             self._save(inode)
         except BaseException:
             inode.key_epoch = old_epoch
+            inode.block_writes = old_writes
             new.close()
             self.store.remove_data_file(inode.id, inode.key_version, new_epoch)
             raise
+        # The old file may go only once the new epoch is durable: a commit still in
+        # the WAL could be lost on power failure while the unlink reached the disk.
+        self.md.sync()
         self.store.remove_data_file(inode.id, inode.key_version, old_epoch)
         return new
 

@@ -165,6 +165,7 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
           ready: Callable[[EnvfsError | None], None]) -> None:  # fmt: skip
     """Run the filesystem until it is unmounted. Calls `ready` once, before serving."""
     harden_process()
+    os.umask(0o077)  # store files (SQLite's -wal and -shm among them) are the owner's alone
     with ExitStack() as stack:
         try:
             lock = store.lock(mountpoint)

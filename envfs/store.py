@@ -161,6 +161,7 @@ class Store:
         """Create the directory for a new store; refuse a non-empty one."""
         self.check_new()
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.path, 0o700)
         self.data_path.mkdir(mode=0o700)
 
     # -- data files ----------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -84,7 +85,16 @@ def test_token_server_that_goes_away_is_reconnected(store: Envfs) -> None:
     os.close(fd)
     with open(store.mnt / "b", "rb", buffering=0) as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    fd = os.open(store.mnt / "b", os.O_RDONLY | os.O_DIRECT)
+    # Until the token is back, new opens get EIO; then they work again.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            fd = os.open(store.mnt / "b", os.O_RDONLY | os.O_DIRECT)
+            break
+        except OSError as e:
+            assert e.errno == errno.EIO
+            assert time.monotonic() < deadline, "the daemon did not get its token back"
+            time.sleep(0.2)
     try:
         assert os.pread(fd, 9000, 0) == data
     finally:
