@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("XDG_DATA_HOME"):  # the daemon changes to "/": keep the token path valid
+        os.environ["XDG_DATA_HOME"] = os.path.abspath(os.environ["XDG_DATA_HOME"])
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="envfs: %(message)s")
     try:

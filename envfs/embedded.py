@@ -43,7 +43,7 @@ def _first_existing(candidates: tuple[str, ...], package: str) -> str:
 
 def data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "envfs"
+    return Path(base).absolute() / "envfs"
 
 
 class EmbeddedToken:

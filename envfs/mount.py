@@ -262,7 +262,7 @@ def mount(store_path: str, mountpoint: str, pin: str, options: MountOptions) -> 
         from .errors import StoreBusy
 
         raise StoreBusy(f"{store.path} is already mounted on {holder.get('mountpoint')} (pid {holder.get('pid')})")
-    log_file = options.log_file or str(embedded.data_dir() / "logs" / f"{superblock.uuid}.log")
+    log_file = os.path.abspath(options.log_file or embedded.data_dir() / "logs" / f"{superblock.uuid}.log")
     if options.foreground:
         _setup_logging(None, options.debug)
         errors: list[EnvfsError] = []
@@ -317,6 +317,7 @@ def _read_all(fd: int) -> bytes:
 
 
 def _detach(log_file: str, debug: bool) -> None:
+    os.chdir("/")  # do not keep the caller's working directory busy
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
