@@ -53,25 +53,8 @@ def handler(method: F) -> F:
             return await method(self, *args)
         except FUSEError:
             raise
-        except IntegrityError as e:
-            self.integrity_errors += 1
-            log.error("integrity: %s", e)
-            raise FUSEError(errno.EIO) from None
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-                log.warning("%s: %s", method.__name__, e)
-                raise FUSEError(e.errno) from None
-            log.error("%s: %s", method.__name__, e)
-            raise FUSEError(errno.EIO) from None
-        except sqlite3.OperationalError as e:
-            log.error("%s: metadata database: %s", method.__name__, e)
-            raise FUSEError(errno.ENOSPC if "full" in str(e) else errno.EIO) from None
-        except (sqlite3.Error, EnvfsError) as e:
-            log.error("%s: %s", method.__name__, e)
-            raise FUSEError(errno.EIO) from None
-        except Exception:
-            log.exception("%s: unexpected error", method.__name__)
-            raise FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise FUSEError(self.failed(method.__name__, e)) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -125,6 +108,27 @@ class Operations(pyfuse3.Operations):
         self.rekeys = 0
         self.data_opens = 0
         self.integrity_errors = 0
+
+    def failed(self, operation: str, error: Exception) -> int:
+        """Log a handler's error and return the errno to answer with."""
+        if isinstance(error, IntegrityError):
+            self.integrity_errors += 1
+            log.error("integrity: %s", error)
+            return errno.EIO
+        # The request may have changed cached inodes and then failed to commit:
+        # drop the cache so the next request reads what the database holds.
+        self._inodes.clear()
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            log.warning("%s: %s", operation, error)
+            return error.errno
+        if isinstance(error, sqlite3.OperationalError) and "full" in str(error):
+            log.warning("%s: metadata database: %s", operation, error)
+            return errno.ENOSPC
+        if isinstance(error, OSError | sqlite3.Error | EnvfsError):
+            log.error("%s: %s", operation, error)
+        else:
+            log.exception("%s: unexpected error", operation)
+        return errno.EIO
 
     def counters(self) -> dict[str, int]:
         """Figures for `envfs status` and benchmarks."""

@@ -45,22 +45,25 @@ def mounted(store: Envfs) -> Path:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Leave no envfs mount or daemon behind, whatever happened."""
+    """Leave no envfs mount or daemon of this session behind, whatever happened."""
+    roots = [str(root) for root in Envfs.created]
+    if not roots:
+        return
     for mountpoint in envfs_mounts():
-        if "/pytest-" in mountpoint:
+        if any(mountpoint.startswith(root) for root in roots):
             subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
     for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
             continue
         try:
-            cmdline = (pid_dir / "cmdline").read_bytes().split(b"\0")
+            cmdline = (pid_dir / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if any(b"/pytest-" in arg for arg in cmdline) and b"mount" in cmdline:
+        if any(root in cmdline for root in roots):
             try:
                 os.kill(int(pid_dir.name), signal.SIGKILL)
             except ProcessLookupError:
-                pass
+                continue
             deadline = time.monotonic() + 5
             while not process_gone(int(pid_dir.name)) and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 ENVFS = [sys.executable, "-m", "envfs"]
 PIN = "test-pin-1234"
@@ -31,8 +32,11 @@ def process_gone(pid: int) -> bool:
 class Envfs:
     """One test's envfs world: XDG_DATA_HOME (token), PIN, store and mountpoint."""
 
+    created: ClassVar[list[Path]] = []  # every root of this test session, for the final sweep
+
     def __init__(self, root: Path) -> None:
         self.root = root
+        Envfs.created.append(root)
         self.data_home = root / "xdg"
         self.store = root / "store"
         self.mnt = root / "mnt"
