@@ -118,7 +118,7 @@ class Operations(pyfuse3.Operations):
         # The request may have changed cached inodes and then failed to commit:
         # drop the cache so the next request reads what the database holds.
         self._inodes.clear()
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
             log.warning("%s: %s", operation, error)
             return error.errno
         if isinstance(error, sqlite3.OperationalError) and "full" in str(error):

@@ -38,6 +38,7 @@ from .store import Store, Superblock
 log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.envfs"
+READ_AHEAD_KB = 1024
 
 
 @dataclass
@@ -57,6 +58,7 @@ class MountEntry:
     mountpoint: str
     source: str
     fstype: str
+    device: str  # "major:minor"
 
 
 def _unescape(field: str) -> str:
@@ -75,7 +77,7 @@ def envfs_mounts() -> list[MountEntry]:
             fields = left.split()
             fstype, source = right.split()[:2]
             if fstype == FSTYPE:
-                found.append(MountEntry(_unescape(fields[4]), _unescape(source), fstype))
+                found.append(MountEntry(_unescape(fields[4]), _unescape(source), fstype, fields[2]))
     return found
 
 
@@ -210,13 +212,14 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         stack.callback(finish)
         log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
         ready(None)
-        trio.run(_main, zero_queue_receive, lambda: lock.update(operations.counters()))
+        trio.run(_main, zero_queue_receive, lambda: lock.update(operations.counters()), mountpoint)
         clean = True
         log.info("unmounted %s", mountpoint)
 
 
-async def _main(zero_queue: trio.MemoryReceiveChannel[bytearray], publish: Callable[[], None]) -> None:
+async def _main(zero_queue: trio.MemoryReceiveChannel[bytearray], publish: Callable[[], None], mountpoint: str) -> None:
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_widen_readahead, mountpoint)
         nursery.start_soon(_zero_read_buffers, zero_queue)
         nursery.start_soon(_terminate_on_signals)
         nursery.start_soon(_publish_counters, publish)
@@ -243,6 +246,25 @@ async def _terminate_on_signals() -> None:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
+
+
+async def _widen_readahead(mountpoint: str) -> None:
+    """Widen the mount's readahead window so sequential reads arrive in large requests.
+
+    The kernel sets the window when it handles the reply to FUSE_INIT, so this
+    waits until that has happened.
+    """
+    await trio.sleep(0.5)
+    # Not os.stat(): the daemon would wait on its own request, not yet being served.
+    entry = find_mount(mountpoint)
+    if entry is None:
+        return
+    path = f"/sys/class/bdi/{entry.device}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(READ_AHEAD_KB))
+    except OSError as e:
+        log.info("cannot set %s: %s", path, e.strerror)
 
 
 def _escape_option(value: str) -> str:
