@@ -31,7 +31,7 @@ log = logging.getLogger("envfs")
 
 
 def read_pin(pin_file: str | None) -> str:
-    """The token PIN: ENVFS_PIN, then --pin-file, then a prompt on a terminal."""
+    """The token PIN: --pin-file, then ENVFS_PIN, then a prompt on a terminal."""
     if pin_file:
         try:
             with open(pin_file) as f:
@@ -118,6 +118,7 @@ def cmd_init(args: argparse.Namespace) -> None:
                 metadata.sync()
             finally:
                 metadata.close()
+            store.lock_path.touch(mode=0o600)  # so a refused mount creates nothing
             store.write_superblock(superblock)
     except BaseException:
         if created:
@@ -145,11 +146,25 @@ def _read_master_key(path: str) -> bytes:
 def cmd_mount(args: argparse.Namespace) -> None:
     options = MountOptions(
         foreground=args.foreground, allow_other=args.allow_other, debug=args.debug, log_file=args.log,
-        rekey_after=int(os.environ["ENVFS_REKEY_AFTER"]) if os.environ.get("ENVFS_REKEY_AFTER") else None,
+        rekey_after=_rekey_override(),
     )  # fmt: skip
     store = Store(args.store)
     store.read_superblock()  # refuse a non-store before asking for a PIN
     mount(args.store, args.mountpoint, read_pin(args.pin_file), options)
+
+
+def _rekey_override() -> int | None:
+    """ENVFS_REKEY_AFTER: a lower nonce bound for tests; it can never raise the store's."""
+    value = os.environ.get("ENVFS_REKEY_AFTER")
+    if not value:
+        return None
+    try:
+        bound = int(value)
+    except ValueError as e:
+        raise UsageError(f"ENVFS_REKEY_AFTER must be a number, not {value!r}") from e
+    if bound < 16:
+        raise UsageError("ENVFS_REKEY_AFTER must be at least 16")
+    return bound
 
 
 def cmd_unmount(args: argparse.Namespace) -> None:
@@ -190,7 +205,12 @@ def _status_of(store: Store) -> dict[str, Any]:
 
 def cmd_status(args: argparse.Namespace) -> None:
     if args.path is None:
-        reports = [_status_of(store_of_source(m.source)) for m in envfs_mounts()]
+        reports = []
+        for m in envfs_mounts():
+            try:
+                reports.append(_status_of(store_of_source(m.source)))
+            except EnvfsError as e:  # a dead mount whose store is gone
+                reports.append({"mountpoint": m.mountpoint, "store": m.source.removeprefix("envfs:"), "error": str(e)})
         if not reports and not args.json:
             print("no envfs store is mounted")
     else:

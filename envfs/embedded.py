@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from .errors import HsmError
+from .errors import HsmError, TokenNotFound
 from .secret import die_with_parent
 
 TOKEN_LABEL = "envfs"
@@ -67,7 +68,7 @@ class EmbeddedToken:
         )
         # SoftHSM2 must not be loaded into a long-lived envfs process: initialise
         # the token in a short-lived child that gets the PINs through a pipe.
-        env = dict(os.environ, SOFTHSM2_CONF=str(self.config))
+        env = _server_environment(self.config)
         module = _first_existing(SOFTHSM_MODULE_CANDIDATES, "softhsm2")
         code = (
             "import sys\nfrom envfs.hsm import init_token\n"
@@ -82,6 +83,25 @@ class EmbeddedToken:
             shutil.rmtree(self.tokens, ignore_errors=True)
             lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
             raise HsmError(f"creating the embedded SoftHSM2 token failed: {lines[-1] if lines else '?'}")
+
+
+def _server_environment(config: Path) -> dict[str, str]:
+    """The token processes' environment: SoftHSM2's config, and never the PIN."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ENVFS_", "P11_KIT_SERVER"))}
+    env["SOFTHSM2_CONF"] = str(config)
+    return env
+
+
+def _accepts(socket_path: str) -> bool:
+    """True once the server listens (it creates the socket file a little earlier)."""
+    if not os.path.exists(socket_path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(socket_path)
+        except OSError:
+            return False
+    return True
 
 
 def _python() -> str:
@@ -102,14 +122,13 @@ class TokenServer:
     def start(self, timeout: float = 20.0) -> str:
         """Start the server and return the address for P11_KIT_SERVER_ADDRESS."""
         if not self.token.exists():
-            raise HsmError(f"no embedded token in {self.token.directory}: run 'envfs init' first")
+            raise TokenNotFound(f"no embedded token in {self.token.directory}: run 'envfs init' first")
         if shutil.which("p11-kit") is None:
             raise HsmError("p11-kit not found: install the Debian package p11-kit")
         module = _first_existing(SOFTHSM_MODULE_CANDIDATES, "softhsm2")
         self._runtime = tempfile.mkdtemp(prefix="envfs-p11-")
         socket_path = os.path.join(self._runtime, "p11.sock")
-        env = dict(os.environ, SOFTHSM2_CONF=str(self.token.config))
-        env.pop("P11_KIT_SERVER_ADDRESS", None)
+        env = _server_environment(self.token.config)
         log_path = os.path.join(self._runtime, "server.log")
         with open(log_path, "wb") as log_file:
             self._process = subprocess.Popen(
@@ -119,7 +138,7 @@ class TokenServer:
                 preexec_fn=lambda: die_with_parent(signal.SIGKILL), close_fds=True,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while not os.path.exists(socket_path):
+        while not _accepts(socket_path):
             if self._process.poll() is not None:
                 err = Path(log_path).read_text(errors="replace")
                 self.stop()

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from .blocks import BLOCK_SIZE, SLOT_SIZE
 from .datafile import DataFile
 from .errors import EnvfsError, IntegrityError
 from .keys import KeyRing
@@ -35,6 +36,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+FALLOC_FL_KEEP_SIZE = 0x01
 SYMLINK_MAX = 4095  # PATH_MAX - 1, as the kernel allows
 ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 1.0
@@ -698,6 +700,25 @@ class Operations(pyfuse3.Operations):
         self._release_cache(handle.inode)
 
     @handler
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """Modes 0 and FALLOC_FL_KEEP_SIZE: the range reads as zeros, and its
+        ciphertext slots get backing space, so later writes there do not fail
+        for lack of it. Punching holes and the other modes are not supported."""
+        if mode & ~FALLOC_FL_KEEP_SIZE:
+            raise FUSEError(errno.EOPNOTSUPP)
+        if offset < 0 or length <= 0:
+            raise FUSEError(errno.EINVAL)
+        _, inode, open_file = self._handle(fh)
+        end = offset + length
+        if not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
+            self._truncate(inode, end, _now())
+        data = open_file.data
+        start = offset // BLOCK_SIZE * SLOT_SIZE
+        stop = min(data.length, -(-end // BLOCK_SIZE) * SLOT_SIZE)
+        if stop > start:
+            os.posix_fallocate(data.fd, start, stop - start)
+
+    @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle, inode, open_file = self._handle(fh)
         os.fsync(open_file.data.fd)
@@ -834,6 +855,10 @@ class Operations(pyfuse3.Operations):
             except Exception:
                 log.exception("cleaning inode %d at unmount", inode_id)
         self.md.sync()
+        # pyfuse3 keeps this object in a module global after the session: drop
+        # the key material it reaches now rather than at process exit.
+        self.names.close()
+        self._inodes.clear()
 
 
 def delete_inode(store: Store, metadata: Metadata, inode: Inode) -> None:

@@ -161,6 +161,7 @@ class Metadata:
 
     def close(self) -> None:
         self.db.close()
+        self._mac = None  # type: ignore[assignment]  # the keyed HMAC context goes with the database
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

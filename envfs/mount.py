@@ -185,7 +185,8 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
             zero_queue_send, zero_queue_receive = trio.open_memory_channel[bytearray](math.inf)
             operations = Operations(
                 store, metadata, keys, names,
-                rekey_after=options.rekey_after or superblock.rekey_after_block_writes,
+                rekey_after=min(options.rekey_after or superblock.rekey_after_block_writes,
+                                superblock.rekey_after_block_writes),
                 after_reply=zero_queue_send.send_nowait,
             )  # fmt: skip
             fuse_options = set(pyfuse3.default_options)

@@ -32,14 +32,23 @@ class NameCipher:
     def __init__(self, name_key: Secret) -> None:
         if len(name_key) != 64:
             raise ValueError("the name key is 64 bytes")
-        self._siv = name_key.build(AESSIV)
+        self._siv: AESSIV | None = name_key.build(AESSIV)
+
+    def close(self) -> None:
+        """Drop the OpenSSL contexts holding the key."""
+        self._siv = None
+
+    def _cipher(self) -> AESSIV:
+        if self._siv is None:
+            raise ValueError("name cipher closed")
+        return self._siv
 
     def _seal(self, plaintext: bytes, ad: bytes) -> bytes:
-        return self._siv.encrypt(plaintext, [ad])
+        return self._cipher().encrypt(plaintext, [ad])
 
     def _open(self, ciphertext: bytes, ad: bytes, what: str) -> bytes:
         try:
-            return self._siv.decrypt(ciphertext, [ad])
+            return self._cipher().decrypt(ciphertext, [ad])
         except (InvalidTag, ValueError) as e:
             raise IntegrityError(f"{what}: authentication failed") from e
 

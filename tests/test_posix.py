@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -364,3 +365,27 @@ def test_access(mounted: Path) -> None:
     assert not os.access(path, os.X_OK)
     os.chmod(path, 0o755)
     assert os.access(path, os.X_OK)
+
+
+def test_fallocate(mounted: Path) -> None:
+    path = mounted / "alloc"
+    path.write_bytes(b"head")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 1 << 20)
+        assert os.fstat(fd).st_size == 1 << 20
+        assert os.pread(fd, 8, 0) == b"head" + bytes(4)
+        assert os.pread(fd, 100, (1 << 20) - 100) == bytes(100)
+        os.posix_fallocate(fd, 4096, 100)  # inside the file: no change of size or content
+        assert os.fstat(fd).st_size == 1 << 20
+        os.pwrite(fd, b"tail", (1 << 20) - 4)
+    finally:
+        os.close(fd)
+    result = subprocess.run(["fallocate", "-l", "3M", str(mounted / "f2")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert os.stat(mounted / "f2").st_size == 3 << 20
+    result = subprocess.run(["fallocate", "--keep-size", "-o", "0", "-l", "8M", str(path)], capture_output=True)
+    assert result.returncode == 0 and os.stat(path).st_size == 1 << 20
+    result = subprocess.run(["fallocate", "--punch-hole", "-o", "0", "-l", "4096", str(path)], capture_output=True)
+    assert result.returncode != 0  # not supported: EOPNOTSUPP, and the file is unchanged
+    assert path.read_bytes() == b"head" + bytes((1 << 20) - 8) + b"tail"
