@@ -439,18 +439,30 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._remove(parent_inode, name, directory=False)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._remove(parent_inode, name, directory=True)
+
+    def _remove(self, parent_inode: int, name: bytes, *, directory: bool) -> None:
+        """unlink (a non-directory) or rmdir (an empty directory)."""
         parent = self._dir(parent_inode)
         name_ct = self._encrypt_name(parent.id, name)
         entry = self.md.lookup(parent.id, name_ct)
         if entry is None:
             raise FUSEError(errno.ENOENT)
         inode = self._inode(entry.inode)
-        if stat.S_ISDIR(inode.mode):
-            raise FUSEError(errno.EISDIR)
+        if stat.S_ISDIR(inode.mode) != directory:
+            raise FUSEError(errno.ENOTDIR if directory else errno.EISDIR)
+        if directory and self.md.has_entries(inode.id):
+            raise FUSEError(errno.ENOTEMPTY)
         now = _now()
         with self.md.transaction():
             self.md.remove_entry(parent.id, name_ct)
             self._drop_link(inode, now)
+            if directory:
+                parent.nlink -= 1
             self._touch_dir(parent, now)
         self._maybe_delete(inode.id)
 
@@ -461,26 +473,6 @@ class Operations(pyfuse3.Operations):
             inode.nlink -= 1
         inode.ctime_ns = now
         self._save(inode)
-
-    @handler
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        parent = self._dir(parent_inode)
-        name_ct = self._encrypt_name(parent.id, name)
-        entry = self.md.lookup(parent.id, name_ct)
-        if entry is None:
-            raise FUSEError(errno.ENOENT)
-        inode = self._inode(entry.inode)
-        if not stat.S_ISDIR(inode.mode):
-            raise FUSEError(errno.ENOTDIR)
-        if self.md.has_entries(inode.id):
-            raise FUSEError(errno.ENOTEMPTY)
-        now = _now()
-        with self.md.transaction():
-            self.md.remove_entry(parent.id, name_ct)
-            self._drop_link(inode, now)
-            parent.nlink -= 1
-            self._touch_dir(parent, now)
-        self._maybe_delete(inode.id)
 
     @handler
     async def rename(

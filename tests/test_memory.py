@@ -197,7 +197,7 @@ def token_processes(pid: int) -> list[str]:
 
 _HOLDER = """
 import sys, hmac, hashlib
-data = sys.stdin.buffer.read()
+data = sys.stdin.buffer.read(int(sys.argv[1]))  # not to EOF: stdin stays open until the scan is done
 canary, key = data[:-32], data[-32:]
 held = bytes(bytearray(canary))           # a live copy
 freed = bytes(bytearray(key)) * 3; del freed
@@ -211,11 +211,14 @@ def test_memscan_finds_what_it_looks_for() -> None:
     """Negative control: a process that does hold the canary and a key is caught."""
     canary = memscan.Canary.make()
     key = os.urandom(32)
-    child = subprocess.Popen([sys.executable, "-c", _HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    payload = canary.data + key
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(len(payload))], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
     try:
         assert child.stdin is not None and child.stdout is not None
-        child.stdin.write(canary.data + key)
-        child.stdin.close()
+        child.stdin.write(payload)
+        child.stdin.flush()
         assert child.stdout.readline().startswith(b"ready")
         shot = memscan.snapshot(child.pid)
         counted = memscan.count_canary(shot, canary)
