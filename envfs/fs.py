@@ -103,6 +103,9 @@ class Operations(pyfuse3.Operations):
         # Read buffers are zeroed once pyfuse3 has sent them; see `read`.
         self._after_reply = after_reply or (lambda buf: None)
         self._inodes: dict[int, Inode] = {}
+        # Inodes known to have no xattrs: the kernel asks for security.capability
+        # before every write, and this answers without a database query.
+        self._without_xattrs: set[int] = set()
         self._lookups: dict[int, int] = {}
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
@@ -120,6 +123,7 @@ class Operations(pyfuse3.Operations):
         # The request may have changed cached inodes and then failed to commit:
         # drop the cache so the next request reads what the database holds.
         self._inodes.clear()
+        self._without_xattrs.clear()
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
             log.warning("%s: %s", operation, error)
             return error.errno
@@ -161,6 +165,7 @@ class Operations(pyfuse3.Operations):
     def _release_cache(self, inode_id: int) -> None:
         if inode_id not in self._lookups and inode_id not in self._open and inode_id != ROOT_INODE:
             self._inodes.pop(inode_id, None)
+            self._without_xattrs.discard(inode_id)
 
     def _maybe_delete(self, inode_id: int) -> None:
         """Delete an unlinked inode once neither the kernel nor a handle holds it."""
@@ -172,6 +177,7 @@ class Operations(pyfuse3.Operations):
             return
         delete_inode(self.store, self.md, inode)
         self._inodes.pop(inode_id, None)
+        self._without_xattrs.discard(inode_id)
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -801,6 +807,7 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode_id: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         inode = self._xattr_inode(inode_id, name)
         name_ct = self.names.encrypt_xattr_name(inode.id, name)
+        self._without_xattrs.discard(inode.id)
         with self.md.transaction():
             self.md.set_xattr(inode.id, name_ct, self.names.encrypt_xattr_value(inode.id, name_ct, value))
             inode.ctime_ns = _now()
@@ -811,9 +818,13 @@ class Operations(pyfuse3.Operations):
         inode = self._inode(inode_id)
         if not name.startswith(_XATTR_NAMESPACES):
             raise FUSEError(pyfuse3.ENOATTR)
+        if inode.id in self._without_xattrs:
+            raise FUSEError(pyfuse3.ENOATTR)
         name_ct = self.names.encrypt_xattr_name(inode.id, name)
         value = self.md.get_xattr(inode.id, name_ct)
         if value is None:
+            if not self.md.has_xattrs(inode.id):
+                self._without_xattrs.add(inode.id)
             raise FUSEError(pyfuse3.ENOATTR)
         return self.names.decrypt_xattr_value(inode.id, name_ct, value)
 

@@ -322,6 +322,9 @@ class Metadata:
     def remove_xattr(self, inode: int, name: bytes) -> bool:
         return self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (inode, name)).rowcount > 0
 
+    def has_xattrs(self, inode: int) -> bool:
+        return self.db.execute("SELECT 1 FROM xattrs WHERE inode=? LIMIT 1", (inode,)).fetchone() is not None
+
     def xattr_names(self, inode: int) -> list[bytes]:
         return [bytes(row[0]) for row in self.db.execute("SELECT name FROM xattrs WHERE inode=?", (inode,))]
 
