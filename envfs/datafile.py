@@ -226,9 +226,6 @@ class DataFile:
         self.length = max(self.length, (index + 1) * SLOT_SIZE)
         return 1
 
-    def blocks(self, size: int) -> range:
-        return range(block_count(size))
-
     def copy_to(self, other: DataFile, size: int) -> int:
         """Re-encrypt every non-hole block under `other`'s cipher (re-key, rotation)."""
         scratch = memoryview(self._scratch)

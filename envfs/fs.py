@@ -67,7 +67,6 @@ class OpenFile:
 
     data: DataFile
     handles: int = 0
-    dirty: bool = False
 
 
 @dataclass
@@ -617,7 +616,6 @@ class Operations(pyfuse3.Operations):
             inode.block_writes += writes
             inode.mtime_ns = inode.ctime_ns = _now()
             self._save(inode)
-            open_file.dirty = True
             return len(buf)
         finally:
             zero_bytes(buf)

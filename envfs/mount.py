@@ -26,7 +26,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import embedded
+from . import embedded, errors
 from .errors import BadMountpoint, EnvfsError, MountFailed, NotMounted
 from .fs import Operations, delete_inode
 from .hsm import Hsm
@@ -282,16 +282,15 @@ def mount(store_path: str, mountpoint: str, pin: str, options: MountOptions) -> 
     mountpoint = check_mountpoint(mountpoint)
     holder = store.lock_holder()
     if holder is not None:
-        from .errors import StoreBusy
-
-        raise StoreBusy(f"{store.path} is already mounted on {holder.get('mountpoint')} (pid {holder.get('pid')})")
+        where = f"{holder.get('mountpoint')} (pid {holder.get('pid')})"
+        raise errors.StoreBusy(f"{store.path} is already mounted on {where}")
     log_file = os.path.abspath(options.log_file or embedded.data_dir() / "logs" / f"{superblock.uuid}.log")
     if options.foreground:
         _setup_logging(None, options.debug)
-        errors: list[EnvfsError] = []
-        serve(store, superblock, mountpoint, pin, options, lambda e: errors.append(e) if e else None)
-        if errors:
-            raise errors[0]
+        refusals: list[EnvfsError] = []
+        serve(store, superblock, mountpoint, pin, options, lambda e: refusals.append(e) if e else None)
+        if refusals:
+            raise refusals[0]
         return
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -301,14 +300,11 @@ def mount(store_path: str, mountpoint: str, pin: str, options: MountOptions) -> 
         try:
             os.setsid()
             _detach(log_file, options.debug)
-            reported = False
 
             def ready(error: EnvfsError | None) -> None:
-                nonlocal reported
-                message = "ok" if error is None else f"{type(error).__name__}\t{error.exit_code}\t{error}"
+                message = "ok" if error is None else f"{type(error).__name__}\t{error}"
                 os.write(write_end, message.encode() + b"\n")
                 os.close(write_end)
-                reported = True
 
             serve(store, superblock, mountpoint, pin, options, ready)
         except BaseException:
@@ -325,10 +321,11 @@ def mount(store_path: str, mountpoint: str, pin: str, options: MountOptions) -> 
         os.waitpid(pid, 0)
         raise MountFailed(f"the envfs daemon exited before mounting; see {log_file}")
     os.waitpid(pid, 0)
-    name, code, message = answer.split("\t", 2)
-    error = MountFailed(message)
-    error.exit_code = int(code)
-    raise error
+    name, _, message = answer.partition("\t")
+    error_type = getattr(errors, name, MountFailed)
+    if not (isinstance(error_type, type) and issubclass(error_type, EnvfsError)):
+        error_type = MountFailed
+    raise error_type(message)
 
 
 def _read_all(fd: int) -> bytes:
