@@ -44,19 +44,33 @@ _RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_FREES_SPACE = frozenset({"unlink", "rmdir", "rename", "setattr", "removexattr", "release"})
 
 
 def handler(method: F) -> F:
-    """Map every exception of a request handler to an errno reply."""
+    """Map every exception of a request handler to an errno reply.
+
+    A request that frees space but ran out of it (SQLite needs room even to
+    delete a row) is retried once after the store's space reserve is given up:
+    a full disk must not stop the user from freeing space.
+    """
 
     @functools.wraps(method)
     async def wrapper(self: Operations, *args: Any) -> Any:
-        try:
-            return await method(self, *args)
-        except FUSEError:
-            raise
-        except Exception as e:
-            raise FUSEError(self.failed(method.__name__, e)) from None
+        for attempt in (1, 2):
+            try:
+                return await method(self, *args)
+            except FUSEError:
+                raise
+            except Exception as e:
+                code = self.failed(method.__name__, e)
+                if (
+                    attempt == 1 and code == errno.ENOSPC and method.__name__ in _FREES_SPACE
+                    and self.store.release_reserve()
+                ):  # fmt: skip
+                    log.warning("%s: out of space; released the store's reserve and retrying", method.__name__)
+                    continue
+                raise FUSEError(code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -126,7 +140,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
             log.warning("%s: %s", operation, error)
             return error.errno
-        if isinstance(error, sqlite3.OperationalError) and "full" in str(error):
+        if isinstance(error, sqlite3.OperationalError | sqlite3.DatabaseError) and "full" in str(error):
             log.warning("%s: metadata database: %s", operation, error)
             return errno.ENOSPC
         if isinstance(error, OSError | sqlite3.Error | EnvfsError):

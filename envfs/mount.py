@@ -33,7 +33,7 @@ from .hsm import Hsm
 from .keys import KeyRing
 from .metadata import Metadata
 from .secret import harden_process, zero_buffer
-from .store import Store, Superblock
+from .store import Store, StoreLock, Superblock
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         stack.callback(finish)
         log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
         ready(None)
-        trio.run(_main, zero_queue_receive, lambda: lock.update(operations.counters()), mountpoint)
+        trio.run(_main, zero_queue_receive, lambda: _housekeeping(store, lock, operations), mountpoint)
         clean = True
         log.info("unmounted %s", mountpoint)
 
@@ -228,8 +228,17 @@ async def _main(zero_queue: trio.MemoryReceiveChannel[bytearray], publish: Calla
         nursery.cancel_scope.cancel()
 
 
+def _housekeeping(store: Store, lock: StoreLock, operations: Operations) -> None:
+    lock.update(operations.counters())
+    try:
+        store.keep_reserve()
+    except OSError as e:
+        log.debug("space reserve: %s", e)
+
+
 async def _publish_counters(publish: Callable[[], None]) -> None:
-    """Write the counters to the lock file every second, and at once on SIGUSR1."""
+    """Write the counters to the lock file (and top up the space reserve) every
+    second, and at once on SIGUSR1."""
     with trio.open_signal_receiver(signal.SIGUSR1) as signals:
         while True:
             publish()

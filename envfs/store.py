@@ -27,6 +27,8 @@ SUPERBLOCK = "envfs.json"
 METADATA = "meta.db"
 DATA = "data"
 LOCK = "lock"
+RESERVE = "reserve"
+RESERVE_BYTES = 4 << 20
 
 # Random 96-bit nonces: after 2^31 block encryptions under one key, a
 # nonce collision has probability below 2^-35 (docs/FORMAT.md).
@@ -122,6 +124,7 @@ class Store:
         self.metadata_path = self.path / METADATA
         self.data_path = self.path / DATA
         self.lock_path = self.path / LOCK
+        self.reserve_path = self.path / RESERVE
 
     def read_superblock(self) -> Superblock:
         if not self.path.is_dir():
@@ -203,6 +206,31 @@ class Store:
 
     def sync_data_dir(self, inode_id: int) -> None:
         _fsync_dir(self.data_path / f"{inode_id & 0xFF:02x}")
+
+    # -- space reserve ---------------------------------------------------------
+
+    def keep_reserve(self) -> None:
+        """Hold RESERVE_BYTES of allocated space, if the disk has them to spare."""
+        if self.reserve_path.exists():
+            return
+        free = os.statvfs(self.path)
+        if free.f_bavail * free.f_frsize < 4 * RESERVE_BYTES:
+            return
+        fd = os.open(self.reserve_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError:
+            os.unlink(self.reserve_path)
+        finally:
+            os.close(fd)
+
+    def release_reserve(self) -> bool:
+        """Free the reserve (the disk is full); True if there was one."""
+        try:
+            os.unlink(self.reserve_path)
+        except FileNotFoundError:
+            return False
+        return True
 
     # -- lock ----------------------------------------------------------------
 
