@@ -26,12 +26,14 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mlockall.argtypes = [ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 _MADV_DONTDUMP = 16
 _MADV_WIPEONFORK = 18
 _PR_SET_DUMPABLE = 4
 _PR_SET_PDEATHSIG = 1
+_MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
 
 # Layout of a CPython bytes object: header, ob_shash (-1 until hashed), ob_sval.
 _BYTES_DATA_OFFSET = bytes.__basicsize__ - 1
@@ -121,9 +123,21 @@ def zero_bytes(data: bytes) -> None:
 
 
 def harden_process() -> None:
-    """Refuse core dumps and ptrace attach by other same-uid processes."""
+    """Refuse core dumps and ptrace attach by other same-uid processes, and keep
+    the process out of swap where allowed.
+
+    Locking all memory (which needs CAP_IPC_LOCK or a large RLIMIT_MEMLOCK) also
+    covers what envfs cannot place itself: OpenSSL's key schedules of open
+    files and plaintext in flight. Pages are locked as they are touched
+    (MCL_ONFAULT), so nothing is populated in advance.
+    """
     if _libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         log.warning("prctl(PR_SET_DUMPABLE, 0) failed: errno %d", ctypes.get_errno())
+    if _libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) != 0:
+        log.info(
+            "mlockall failed (errno %d): key schedules of open files may reach swap; "
+            "run without swap or with encrypted swap", ctypes.get_errno(),
+        )  # fmt: skip
 
 
 def die_with_parent(signal_number: int) -> None:
