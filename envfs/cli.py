@@ -24,7 +24,7 @@ from .errors import EnvfsError, PinError, UsageError
 from .hsm import HsmAdmin
 from .keys import KeyRing
 from .metadata import ROOT_INODE, Metadata
-from .mount import MountOptions, envfs_mounts, find_mount, hsm_for, mount, store_of_source, unmount
+from .mount import MountOptions, envfs_mounts, find_mount, hsm_for, mount, store_of_source, token_for, unmount
 from .store import HsmLocator, KeyVersion, Store, Superblock
 
 log = logging.getLogger("envfs")
@@ -94,8 +94,11 @@ def cmd_init(args: argparse.Namespace) -> None:
     try:
         store.prepare_new()
         with ExitStack() as stack:
-            hsm = hsm_for(superblock, stack, pin)
-            admin = HsmAdmin(hsm.module_path, hsm.token_label, pin)
+            access = token_for(superblock, stack)
+            # Key management first, through python-pkcs11, which finalizes the module
+            # when done: a module has one state per process, and derivation (`Hsm`)
+            # initializes it again on its own terms.
+            admin = HsmAdmin(access.module, access.token, pin)
             try:
                 if args.import_master_key_file:
                     admin.import_master_key(label, _read_master_key(args.import_master_key_file))
@@ -103,6 +106,7 @@ def cmd_init(args: argparse.Namespace) -> None:
                     admin.generate_master_key(label)
             finally:
                 admin.close()
+            hsm = hsm_for(access, stack, pin)
             keys = KeyRing(hsm, superblock)
             superblock.keys[0].check = keys.check_value(1)
             superblock.mac = keys.superblock_mac(superblock)

@@ -121,24 +121,35 @@ def check_mountpoint(mountpoint: str) -> str:
     return path
 
 
-def hsm_for(superblock: Superblock, stack: ExitStack, pin: str) -> Hsm:
-    """Open the store's HSM; for the embedded token, start its server first."""
-    before_reconnect = None
-    if superblock.hsm.type == "embedded":
-        server = embedded.TokenServer(embedded.EmbeddedToken())
-        os.environ["P11_KIT_SERVER_ADDRESS"] = server.start()
-        stack.callback(server.stop)
-        module, token = server.client_module, superblock.hsm.token
+@dataclass
+class TokenAccess:
+    """How to reach the store's token: module, label, and a hook for reconnects."""
 
-        def before_reconnect() -> None:
-            if not server.running:
-                log.warning("the embedded token server is gone; restarting it")
-                server.stop()
-                os.environ["P11_KIT_SERVER_ADDRESS"] = server.start()
+    module: str
+    token: str
+    before_reconnect: Callable[[], None] | None = None
 
-    else:
-        module, token = str(superblock.hsm.module), superblock.hsm.token
-    hsm = Hsm(module, token, pin, before_reconnect)
+
+def token_for(superblock: Superblock, stack: ExitStack) -> TokenAccess:
+    """Where the store's token is; for the embedded token, start its server first."""
+    if superblock.hsm.type != "embedded":
+        return TokenAccess(str(superblock.hsm.module), superblock.hsm.token)
+    server = embedded.TokenServer(embedded.EmbeddedToken())
+    os.environ["P11_KIT_SERVER_ADDRESS"] = server.start()
+    stack.callback(server.stop)
+
+    def before_reconnect() -> None:
+        if not server.running:
+            log.warning("the embedded token server is gone; restarting it")
+            server.stop()
+            os.environ["P11_KIT_SERVER_ADDRESS"] = server.start()
+
+    return TokenAccess(server.client_module, superblock.hsm.token, before_reconnect)
+
+
+def hsm_for(access: TokenAccess, stack: ExitStack, pin: str) -> Hsm:
+    """A logged-in HSM session, closed with the stack."""
+    hsm = Hsm(access.module, access.token, pin, access.before_reconnect)
     stack.callback(hsm.close)
     return hsm
 
@@ -172,7 +183,7 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         try:
             lock = store.lock(mountpoint)
             stack.callback(lock.release)
-            hsm = hsm_for(superblock, stack, pin)
+            hsm = hsm_for(token_for(superblock, stack), stack, pin)
             keys = KeyRing(hsm, superblock)
             stack.callback(keys.close)
             keys.verify()
