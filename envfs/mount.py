@@ -1,15 +1,16 @@
 """Wiring of a mount: HSM, key ring, metadata, pyfuse3 and trio.
 
-`mount()` validates everything it can before it forks, so a refusal changes
-nothing; the daemon (the forked child, or this process with --foreground)
-then opens the HSM, checks the keys, takes the store lock, mounts, and tells
-the waiting parent "ready" or the error through a pipe. PKCS#11 modules are
-only ever loaded after the fork.
+`mount()` validates everything it can before it starts the daemon, so a
+refusal changes nothing; the daemon (a new process, `envfs.daemon`, or this
+process with --foreground) then opens the HSM, checks the keys, takes the
+store lock, mounts, and tells the waiting parent "ready" or the error through
+a pipe. PKCS#11 modules are only ever loaded in the daemon.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyfuse3
@@ -312,40 +313,78 @@ def mount(store_path: str, mountpoint: str, pin: str, options: MountOptions) -> 
         if refusals:
             raise refusals[0]
         return
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the daemon
-        os.close(read_end)
-        code = 0
-        try:
-            os.setsid()
-            _detach(log_file, options.debug)
+    _start_daemon(store, mountpoint, pin, replace(options, log_file=log_file))
 
-            def ready(error: EnvfsError | None) -> None:
-                message = "ok" if error is None else f"{type(error).__name__}\t{error}"
-                os.write(write_end, message.encode() + b"\n")
-                os.close(write_end)
 
-            serve(store, superblock, mountpoint, pin, options, ready)
-        except BaseException:
-            log.exception("daemon failed")
-            code = 1
-        finally:
-            logging.shutdown()
-            os._exit(code)
-    os.close(write_end)
-    answer = _read_all(read_end).decode(errors="replace").strip()
+# glibc hands freed chunks out again without clearing them, and a PKCS#11
+# module's buffers (p11-kit-client's RPC message holding a derived key) are
+# freed without being zeroed: the daemon runs with the per-thread cache off and
+# every freed chunk overwritten, so no such residue outlives its free().
+MALLOC_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.perturb=165"
+
+
+def _start_daemon(store: Store, mountpoint: str, pin: str, options: MountOptions) -> None:
+    """Start the daemon as a new process and wait until it is serving or refused."""
+    ready_read, ready_write = os.pipe()
+    pin_read, pin_write = os.pipe()
+    spec = {
+        "store": str(store.path), "mountpoint": mountpoint, "options": asdict(options),
+        "ready_fd": ready_write, "pin_fd": pin_read,
+    }  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "ENVFS_PIN"}
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), MALLOC_TUNABLES)))
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "envfs.daemon", json.dumps(spec)], env=env, cwd="/",
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(ready_write, pin_read), start_new_session=True,
+        )  # fmt: skip
+    finally:
+        os.close(ready_write)
+        os.close(pin_read)
+    with os.fdopen(pin_write, "wb") as pin_pipe:  # through a pipe: never argv or the environment
+        pin_pipe.write(pin.encode())
+    answer = _read_all(ready_read).decode(errors="replace").strip()
     if answer == "ok":
         return
+    process.wait()
     if not answer:
-        os.waitpid(pid, 0)
-        raise MountFailed(f"the envfs daemon exited before mounting; see {log_file}")
-    os.waitpid(pid, 0)
+        raise MountFailed(f"the envfs daemon exited before mounting; see {options.log_file}")
     name, _, message = answer.partition("\t")
     error_type = getattr(errors, name, MountFailed)
     if not (isinstance(error_type, type) and issubclass(error_type, EnvfsError)):
         error_type = MountFailed
     raise error_type(message)
+
+
+def daemon_main(spec_json: str) -> None:
+    """The daemon process (`python -m envfs.daemon SPEC`): serve until unmounted."""
+    spec = json.loads(spec_json)
+    options = MountOptions(**spec["options"])
+    ready_fd = int(spec["ready_fd"])
+    code = 0
+    try:
+        pin = _read_all(int(spec["pin_fd"])).decode()
+        _setup_logging(options.log_file, options.debug)
+        store = Store(spec["store"])
+
+        def ready(error: EnvfsError | None) -> None:
+            message = "ok" if error is None else f"{type(error).__name__}\t{error}"
+            os.write(ready_fd, message.encode() + b"\n")
+            os.close(ready_fd)
+
+        try:
+            superblock = store.read_superblock()
+        except EnvfsError as e:
+            ready(e)
+            return
+        serve(store, superblock, spec["mountpoint"], pin, options, ready)
+    except BaseException:
+        log.exception("daemon failed")
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
 
 
 def _read_all(fd: int) -> bytes:
@@ -354,15 +393,6 @@ def _read_all(fd: int) -> bytes:
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks)
-
-
-def _detach(log_file: str, debug: bool) -> None:
-    os.chdir("/")  # do not keep the caller's working directory busy
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    _setup_logging(log_file, debug)
 
 
 def _setup_logging(log_file: str | None, debug: bool) -> None:

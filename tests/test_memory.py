@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from helpers import PIN, Envfs, envfs_mounts, process_gone
 
 from envfs import kdf
+from envfs.mount import MALLOC_TUNABLES
 
 HARNESS = Path(__file__).with_name("daemon_harness.py")
 TOKEN_RACE = "no token labelled"  # see test_integrity.mount()
@@ -333,7 +334,9 @@ class PausedDaemon:
         for attempt in range(3):
             self.process = subprocess.Popen(
                 [sys.executable, str(HARNESS), str(self.env.store), str(self.env.mnt), str(self.env.log)],
-                env=self.env.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                # The malloc settings `envfs mount` gives its daemon process.
+                env=dict(self.env.env, GLIBC_TUNABLES=MALLOC_TUNABLES),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
             assert self.process.stdout is not None
             line = self.process.stdout.readline()
