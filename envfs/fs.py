@@ -44,35 +44,34 @@ _RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-_FREES_SPACE = frozenset({"unlink", "rmdir", "rename", "setattr", "removexattr", "release"})
 
 
-def handler(method: F) -> F:
+def handler(method: F | None = None, *, frees_space: bool = False) -> Any:
     """Map every exception of a request handler to an errno reply.
 
-    A request that frees space but ran out of it (SQLite needs room even to
-    delete a row) is retried once after the store's space reserve is given up:
-    a full disk must not stop the user from freeing space.
+    With `frees_space`, a request that ran out of space (SQLite needs room even
+    to delete a row) is retried once after the store's space reserve is given
+    up: a full disk must not stop the user from freeing space.
     """
 
-    @functools.wraps(method)
-    async def wrapper(self: Operations, *args: Any) -> Any:
-        for attempt in (1, 2):
-            try:
-                return await method(self, *args)
-            except FUSEError:
-                raise
-            except Exception as e:
-                code = self.failed(method.__name__, e)
-                if (
-                    attempt == 1 and code == errno.ENOSPC and method.__name__ in _FREES_SPACE
-                    and self.store.release_reserve()
-                ):  # fmt: skip
-                    log.warning("%s: out of space; released the store's reserve and retrying", method.__name__)
-                    continue
-                raise FUSEError(code) from None
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        async def wrapper(self: Operations, *args: Any) -> Any:
+            for attempt in (1, 2):
+                try:
+                    return await method(self, *args)
+                except FUSEError:
+                    raise
+                except Exception as e:
+                    code = self.failed(method.__name__, e)
+                    if attempt == 1 and frees_space and code == errno.ENOSPC and self.store.release_reserve():
+                        log.warning("%s: out of space; released the store's reserve and retrying", method.__name__)
+                        continue
+                    raise FUSEError(code) from None
 
-    return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate if method is None else decorate(method)
 
 
 @dataclass
@@ -140,7 +139,7 @@ class Operations(pyfuse3.Operations):
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
             log.warning("%s: %s", operation, error)
             return error.errno
-        if isinstance(error, sqlite3.OperationalError | sqlite3.DatabaseError) and "full" in str(error):
+        if isinstance(error, sqlite3.DatabaseError) and "full" in str(error):
             log.warning("%s: metadata database: %s", operation, error)
             return errno.ENOSPC
         if isinstance(error, OSError | sqlite3.Error | EnvfsError):
@@ -274,7 +273,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self._inode(inode))
 
-    @handler
+    @handler(frees_space=True)
     async def setattr(
         self, inode_id: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
         ctx: pyfuse3.RequestContext,
@@ -456,11 +455,11 @@ class Operations(pyfuse3.Operations):
 
     # -- removing and renaming -------------------------------------------------
 
-    @handler
+    @handler(frees_space=True)
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._remove(parent_inode, name, directory=False)
 
-    @handler
+    @handler(frees_space=True)
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._remove(parent_inode, name, directory=True)
 
@@ -493,7 +492,7 @@ class Operations(pyfuse3.Operations):
         inode.ctime_ns = now
         self._save(inode)
 
-    @handler
+    @handler(frees_space=True)
     async def rename(
         self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
         ctx: pyfuse3.RequestContext,
@@ -693,7 +692,7 @@ class Operations(pyfuse3.Operations):
         if fh not in self._handles:
             raise FUSEError(errno.EBADF)
 
-    @handler
+    @handler(frees_space=True)
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is None:
@@ -845,7 +844,7 @@ class Operations(pyfuse3.Operations):
         inode = self._inode(inode_id)
         return [self.names.decrypt_xattr_name(inode.id, n) for n in self.md.xattr_names(inode.id)]
 
-    @handler
+    @handler(frees_space=True)
     async def removexattr(self, inode_id: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         inode = self._xattr_inode(inode_id, name)
         with self.md.transaction():

@@ -230,17 +230,20 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         log.info("unmounted %s", mountpoint)
 
 
-async def _main(zero_queue: trio.MemoryReceiveChannel[bytearray], publish: Callable[[], None], mountpoint: str) -> None:
+async def _main(
+    zero_queue: trio.MemoryReceiveChannel[bytearray], housekeeping: Callable[[], None], mountpoint: str
+) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_widen_readahead, mountpoint)
         nursery.start_soon(_zero_read_buffers, zero_queue)
         nursery.start_soon(_terminate_on_signals)
-        nursery.start_soon(_publish_counters, publish)
+        nursery.start_soon(_every_second, housekeeping)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
 def _housekeeping(store: Store, lock: StoreLock, operations: Operations) -> None:
+    """Publish the counters in the lock record; top up the space reserve."""
     lock.update(operations.counters())
     try:
         store.keep_reserve()
@@ -248,12 +251,11 @@ def _housekeeping(store: Store, lock: StoreLock, operations: Operations) -> None
         log.debug("space reserve: %s", e)
 
 
-async def _publish_counters(publish: Callable[[], None]) -> None:
-    """Write the counters to the lock file (and top up the space reserve) every
-    second, and at once on SIGUSR1."""
+async def _every_second(housekeeping: Callable[[], None]) -> None:
+    """Run `housekeeping` every second, and at once on SIGUSR1."""
     with trio.open_signal_receiver(signal.SIGUSR1) as signals:
         while True:
-            publish()
+            housekeeping()
             with trio.move_on_after(1):
                 await signals.__anext__()
 

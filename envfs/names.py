@@ -47,8 +47,9 @@ class NameCipher:
         return self._cipher().encrypt(plaintext, [ad])
 
     def _open(self, ciphertext: bytes, ad: bytes, what: str) -> bytes:
+        cipher = self._cipher()  # a closed cipher is a programming error, not a failed tag
         try:
-            return self._cipher().decrypt(ciphertext, [ad])
+            return cipher.decrypt(ciphertext, [ad])
         except (InvalidTag, ValueError) as e:
             raise IntegrityError(f"{what}: authentication failed") from e
 

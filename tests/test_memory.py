@@ -42,7 +42,6 @@ from envfs import kdf
 from envfs.mount import MALLOC_TUNABLES
 
 HARNESS = Path(__file__).with_name("daemon_harness.py")
-TOKEN_RACE = "no token labelled"  # see test_integrity.mount()
 
 
 def hkdf(master: bytes, info: bytes) -> bytes:
@@ -176,13 +175,8 @@ def read_back(path: Path, expected: bytes) -> None:
 
 
 def mount_cli(env: Envfs) -> int:
-    for attempt in range(3):
-        result = env.run("mount", str(env.store), str(env.mnt), "--log", str(env.log), check=False)
-        if result.returncode == 0:
-            return env.daemon_pid()
-        if TOKEN_RACE not in result.stderr or attempt == 2:
-            raise AssertionError(f"envfs mount exited {result.returncode}: {result.stderr.strip()}")
-    raise AssertionError("unreachable")
+    env.mount()
+    return env.daemon_pid()
 
 
 def token_processes(pid: int) -> list[str]:
@@ -331,23 +325,18 @@ class PausedDaemon:
         self.pid = 0
 
     def start(self) -> int:
-        for attempt in range(3):
-            self.process = subprocess.Popen(
-                [sys.executable, str(HARNESS), str(self.env.store), str(self.env.mnt), str(self.env.log)],
-                # The malloc settings `envfs mount` gives its daemon process.
-                env=dict(self.env.env, GLIBC_TUNABLES=MALLOC_TUNABLES),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            assert self.process.stdout is not None
-            line = self.process.stdout.readline()
-            if line.startswith("ready "):
-                self.pid = int(line.split()[1])
-                assert self.pid == self.process.pid
-                return self.pid
-            self.process.wait(timeout=30)
-            if TOKEN_RACE not in line or attempt == 2:
-                raise AssertionError(f"daemon harness did not mount: {line.strip()!r}")
-        raise AssertionError("unreachable")
+        self.process = subprocess.Popen(
+            [sys.executable, str(HARNESS), str(self.env.store), str(self.env.mnt), str(self.env.log)],
+            # The malloc settings `envfs mount` gives its daemon process.
+            env=dict(self.env.env, GLIBC_TUNABLES=MALLOC_TUNABLES),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line.startswith("ready "), f"daemon harness did not mount: {line.strip()!r}"
+        self.pid = int(line.split()[1])
+        assert self.pid == self.process.pid
+        return self.pid
 
     def end_session(self) -> None:
         """Unmount; return once `serve` has returned and the process waits."""
