@@ -38,8 +38,12 @@ log = logging.getLogger(__name__)
 
 FALLOC_FL_KEEP_SIZE = 0x01
 SYMLINK_MAX = 4095  # PATH_MAX - 1, as the kernel allows
-ATTR_TIMEOUT = 1.0
-ENTRY_TIMEOUT = 1.0
+# Every change reaches the store through this mount's kernel, which updates or
+# drops what it cached as it forwards the change (the store is locked to one
+# daemon), so the kernel may keep names and attributes as long as it likes;
+# the timeouts only bound how long a stale entry could live if that ever failed.
+ATTR_TIMEOUT = 60.0
+ENTRY_TIMEOUT = 60.0
 _RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
@@ -92,6 +96,14 @@ def _now() -> int:
     return time.time_ns()
 
 
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    """A lookup reply for a missing name: the kernel caches the absence (inode 0)."""
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = 0
+    attrs.entry_timeout = ENTRY_TIMEOUT
+    return attrs
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -122,6 +134,9 @@ class Operations(pyfuse3.Operations):
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+        # The id, allocated in advance, of the next file `create` makes; its
+        # key is being prefetched.
+        self._next_file_id: int | None = None
         self.rekeys = 0
         self.data_opens = 0
         self.integrity_errors = 0
@@ -213,10 +228,7 @@ class Operations(pyfuse3.Operations):
     def _blocks(self, inode: Inode) -> int:
         if not stat.S_ISREG(inode.mode) or inode.size == 0:
             return 0
-        try:
-            return os.stat(self.store.data_file(inode.id, inode.key_version, inode.key_epoch)).st_blocks
-        except FileNotFoundError:
-            return 0
+        return self.store.data_file_blocks(inode.id, inode.key_version, inode.key_epoch)
 
     def _lookup_ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that gives the kernel one more reference."""
@@ -254,7 +266,7 @@ class Operations(pyfuse3.Operations):
             return self._lookup_ref(self._inode(grandparent or ROOT_INODE))
         child = self._child(parent.id, name)
         if child is None:
-            raise FUSEError(errno.ENOENT)
+            return _negative_entry()
         return self._lookup_ref(child)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -343,6 +355,7 @@ class Operations(pyfuse3.Operations):
 
     def _new_inode(
         self, parent: Inode, name: bytes, mode: int, ctx: pyfuse3.RequestContext, rdev: int = 0, size: int = 0,
+        inode_id: int | None = None,
     ) -> tuple[Inode, bytes]:  # fmt: skip
         name_ct = self._encrypt_name(parent.id, name)
         if self.md.lookup(parent.id, name_ct) is not None:
@@ -356,7 +369,7 @@ class Operations(pyfuse3.Operations):
         if not stat.S_ISLNK(mode):
             mode = stat.S_IFMT(mode) | (stat.S_IMODE(mode) & ~ctx.umask)
         inode = self.md.create_inode(
-            mode=mode, uid=ctx.uid, gid=gid, nlink=2 if stat.S_ISDIR(mode) else 1, rdev=rdev, size=size,
+            inode_id, mode=mode, uid=ctx.uid, gid=gid, nlink=2 if stat.S_ISDIR(mode) else 1, rdev=rdev, size=size,
             atime_ns=now, mtime_ns=now, ctime_ns=now, key_version=self.keys.superblock.current_key_version,
             key_epoch=0, block_writes=0,
         )  # fmt: skip
@@ -426,10 +439,17 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.EISDIR)
             info = await self.open(existing.id, flags, ctx)
             return info, self._lookup_ref(existing)
+        inode_id = self._next_file_id or self.md.allocate_inode_id()
         with self.md.transaction():
-            inode, _ = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+            inode, _ = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), ctx, inode_id=inode_id)
+        self._next_file_id = None
         attrs = self._lookup_ref(inode)
-        return self._open_handle(inode, flags), attrs
+        info = self._open_handle(inode, flags)
+        # Files tend to come in runs (untar, cp -r): the next one's key is derived
+        # while the kernel and the application work on this one.
+        self._next_file_id = self.md.allocate_inode_id()
+        self.keys.prefetch_file_cipher(self._next_file_id, self.keys.superblock.current_key_version, 0)
+        return info, attrs
 
     @handler
     async def link(
@@ -687,10 +707,10 @@ class Operations(pyfuse3.Operations):
         self.store.remove_data_file(inode.id, inode.key_version, old_epoch)
         return new
 
-    @handler
     async def flush(self, fh: int) -> None:
-        if fh not in self._handles:
-            raise FUSEError(errno.EBADF)
+        """Writes are done when `write` returns, so a close has nothing to flush:
+        ENOSYS tells the kernel to stop sending FLUSH, one request less per close."""
+        raise FUSEError(errno.ENOSYS)
 
     @handler(frees_space=True)
     async def release(self, fh: int) -> None:
@@ -857,6 +877,7 @@ class Operations(pyfuse3.Operations):
 
     def destroy(self) -> None:
         """After the session ends: close files, forget what the kernel held, sync."""
+        self.keys.drop_prefetched()
         for open_file in self._open.values():
             open_file.data.close()
         self._open.clear()

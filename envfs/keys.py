@@ -8,6 +8,8 @@ get a `BlockCipher`, a `NameCipher` or a keyed HMAC context, and each
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from hmac import compare_digest
 
 from cryptography.hazmat.primitives import hashes, hmac
@@ -34,10 +36,16 @@ class KeyRing:
         self.superblock = superblock
         self.derivations = 0
         self._metadata_mac: hmac.HMAC | None = None
+        # One derivation at a time: a PKCS#11 session runs one operation at once,
+        # and the prefetch thread shares this one.
+        self._hsm_lock = threading.Lock()
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._prefetched: tuple[tuple[int, int, int], Future[BlockCipher]] | None = None
 
     def _derive(self, key_version: int, info: bytes) -> Secret:
-        self.derivations += 1
-        return self.hsm.derive(self.superblock.key(key_version).label, info)
+        with self._hsm_lock:
+            self.derivations += 1
+            return self.hsm.derive(self.superblock.key(key_version).label, info)
 
     def check_value(self, key_version: int) -> str:
         with self._derive(key_version, kdf.key_check_info(self.superblock.uuid, key_version)) as secret:
@@ -83,9 +91,55 @@ class KeyRing:
             key.wipe()
 
     def file_cipher(self, inode_id: int, key_version: int, key_epoch: int) -> BlockCipher:
+        """The data cipher of one file: the prefetched one if it is for this file."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
+            wanted, future = prefetched
+            if wanted == (inode_id, key_version, key_epoch):
+                try:
+                    return future.result()
+                except Exception as e:
+                    log.warning("prefetched key for inode %d failed (%s); deriving it again", inode_id, e)
+            else:
+                _discard(future)
+        return self._file_cipher(inode_id, key_version, key_epoch)
+
+    def _file_cipher(self, inode_id: int, key_version: int, key_epoch: int) -> BlockCipher:
         info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
         with self._derive(key_version, info) as dek:
             return BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
 
+    def prefetch_file_cipher(self, inode_id: int, key_version: int, key_epoch: int) -> None:
+        """Start deriving the key of a file about to be created, in a thread.
+
+        The HSM round trips (most of a create's cost) then overlap with the
+        requests that come before the create; `file_cipher` collects the
+        result. At most one prefetched key exists; an unused one is wiped.
+        """
+        self.drop_prefetched()
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="envfs-key-prefetch")
+        future = self._prefetcher.submit(self._file_cipher, inode_id, key_version, key_epoch)
+        self._prefetched = ((inode_id, key_version, key_epoch), future)
+
+    def drop_prefetched(self) -> None:
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
+            _discard(prefetched[1])
+
     def close(self) -> None:
+        self.drop_prefetched()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
+            self._prefetcher = None
         self._metadata_mac = None
+
+
+def _discard(future: Future[BlockCipher]) -> None:
+    """Wipe a prefetched cipher nobody will use, once its derivation is done."""
+
+    def close(done: Future[BlockCipher]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+
+    future.add_done_callback(close)

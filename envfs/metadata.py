@@ -36,9 +36,11 @@ def create_schema(db: sqlite3.Connection) -> None:
         """
         BEGIN;
         -- One row per file, directory, symlink, device, FIFO or socket.
-        -- id: the inode id. AUTOINCREMENT so that an id is never handed out
-        --   again, not even after its inode is deleted: it is st_ino and part
-        --   of the HKDF info of the file's data key. The root directory is 1.
+        -- id: the inode id, never used twice, not even after its inode is
+        --   deleted: it is st_ino and part of the HKDF info of the file's data
+        --   key. A new id is above both max(id) and sqlite_sequence's seq for
+        --   this table (which AUTOINCREMENT keeps at the highest id ever
+        --   inserted); ids may be inserted out of order. The root directory is 1.
         -- mode, uid, gid, nlink, rdev: as in struct stat. nlink counts the
         --   directory entries naming the inode (plus '.' and subdirectories'
         --   '..' for directories); 0 marks an orphan that is deleted on the
@@ -147,6 +149,7 @@ class Metadata:
     def __init__(self, path: str | os.PathLike[str], mac: hmac.HMAC, *, create: bool = False) -> None:
         self._mac = mac
         self._depth = 0
+        self._next_inode_id: int | None = None
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -221,16 +224,31 @@ class Metadata:
             raise IntegrityError(f"inode {inode_id}: metadata MAC mismatch")
         return inode
 
-    def create_inode(self, **values: int) -> Inode:
-        """Insert a new inode; its id comes from AUTOINCREMENT."""
-        with self.transaction():
-            cursor = self.db.execute(
-                f"INSERT INTO inodes ({', '.join(_INODE_COLUMNS[1:])}, mac) "
-                f"VALUES ({', '.join('?' * len(_INODE_COLUMNS[1:]))}, x'')",
-                tuple(values[c] for c in _INODE_COLUMNS[1:]),
-            )
-            inode = Inode(id=int(cursor.lastrowid or 0), **values)
-            self.save_inode(inode)
+    def allocate_inode_id(self) -> int:
+        """A fresh inode id: above every id this database has ever held.
+
+        Ids are handed out here rather than by the INSERT so that a new file's
+        key can be derived before its row exists. An id handed out and never
+        inserted is skipped; AUTOINCREMENT's sqlite_sequence keeps the highest
+        id inserted, so no id is used twice, across mounts and crashes alike.
+        """
+        if self._next_inode_id is None:
+            row = self.db.execute(
+                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name='inodes'), 0), "
+                "coalesce((SELECT max(id) FROM inodes), 0))"
+            ).fetchone()
+            self._next_inode_id = int(row[0]) + 1
+        inode_id = self._next_inode_id
+        self._next_inode_id += 1
+        return inode_id
+
+    def create_inode(self, inode_id: int | None = None, **values: int) -> Inode:
+        """Insert a new inode under `inode_id` (from `allocate_inode_id`) or a fresh id."""
+        inode = Inode(id=self.allocate_inode_id() if inode_id is None else inode_id, **values)
+        self.db.execute(
+            f"INSERT INTO inodes ({', '.join(_INODE_COLUMNS)}, mac) VALUES ({', '.join('?' * len(_INODE_COLUMNS))}, ?)",
+            (*(getattr(inode, c) for c in _INODE_COLUMNS), self.inode_mac(inode)),
+        )
         return inode
 
     def save_inode(self, inode: Inode) -> None:

@@ -123,6 +123,7 @@ class Store:
         self.superblock_path = self.path / SUPERBLOCK
         self.metadata_path = self.path / METADATA
         self.data_path = self.path / DATA
+        self._data_prefix = f"{self.data_path}/"
         self.lock_path = self.path / LOCK
         self.reserve_path = self.path / RESERVE
 
@@ -170,23 +171,34 @@ class Store:
     # -- data files ----------------------------------------------------------
 
     def data_file(self, inode_id: int, key_version: int, key_epoch: int) -> Path:
-        return self.data_path / f"{inode_id & 0xFF:02x}" / f"{inode_id:016x}.{key_version}.{key_epoch}"
+        return Path(self._data_file(inode_id, key_version, key_epoch))
+
+    def _data_file(self, inode_id: int, key_version: int, key_epoch: int) -> str:
+        # A plain string: this runs on every getattr, where pathlib's cost shows.
+        return f"{self._data_prefix}{inode_id & 0xFF:02x}/{inode_id:016x}.{key_version}.{key_epoch}"
 
     def open_data_file(self, inode_id: int, key_version: int, key_epoch: int, *, create: bool) -> int:
-        path = self.data_file(inode_id, key_version, key_epoch)
+        path = self._data_file(inode_id, key_version, key_epoch)
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         try:
             return os.open(path, flags, 0o600)
         except FileNotFoundError:
             if not create:
                 raise
-            path.parent.mkdir(mode=0o700, exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             _fsync_dir(self.data_path)
             return os.open(path, flags, 0o600)
 
+    def data_file_blocks(self, inode_id: int, key_version: int, key_epoch: int) -> int:
+        """The 512-byte blocks the data file occupies (0 if it does not exist)."""
+        try:
+            return os.stat(self._data_file(inode_id, key_version, key_epoch)).st_blocks
+        except FileNotFoundError:
+            return 0
+
     def remove_data_file(self, inode_id: int, key_version: int, key_epoch: int) -> None:
         try:
-            os.unlink(self.data_file(inode_id, key_version, key_epoch))
+            os.unlink(self._data_file(inode_id, key_version, key_epoch))
         except FileNotFoundError:
             pass
 

@@ -175,7 +175,14 @@ def test_metadata_rows_are_macd(tmp_path: Path) -> None:
         md.add_entry(1, b"name-ct", 2)
     assert md.lookup(1, b"name-ct").inode == 2
     md.delete_inode(2)
-    assert md.create_inode(**fields).id == 3  # AUTOINCREMENT never reuses ids
+    assert md.create_inode(**fields).id == 3  # ids are never reused
+    skipped = md.allocate_inode_id()  # handed out (a prefetched key), never inserted
+    assert md.create_inode(**fields).id == skipped + 1
+    assert md.create_inode(skipped, **fields).id == skipped  # out of order is fine
+    md.delete_inode(skipped + 1)
+    md.close()
+    md = Metadata(tmp_path / "meta.db", mac.copy())
+    assert md.allocate_inode_id() == skipped + 2  # the highest id ever inserted counts, not max(id)
     db = sqlite3.connect(tmp_path / "meta.db")
     db.execute("UPDATE inodes SET size=11 WHERE id=3")
     db.execute("UPDATE dentries SET inode=3 WHERE parent=1")
