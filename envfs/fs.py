@@ -32,7 +32,7 @@ from .keys import KeyRing
 from .metadata import ROOT_INODE, Inode, Metadata
 from .names import NAME_MAX, NameCipher
 from .secret import zero_buffer, zero_bytes
-from .store import Store
+from .store import RESERVE_BYTES, Store
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ SYMLINK_MAX = 4095  # PATH_MAX - 1, as the kernel allows
 ATTR_TIMEOUT = 60.0
 ENTRY_TIMEOUT = 60.0
 _RELATIME_WINDOW_NS = 24 * 3600 * 10**9
+# Below this much free space on the backing filesystem, every request commits.
+LOW_SPACE_BYTES = 4 * RESERVE_BYTES
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -63,7 +65,10 @@ def handler(method: F | None = None, *, frees_space: bool = False) -> Any:
         async def wrapper(self: Operations, *args: Any) -> Any:
             for attempt in (1, 2):
                 try:
-                    return await method(self, *args)
+                    result = await method(self, *args)
+                    if self._low_space or self.md.commit_due():
+                        self.commit()
+                    return result
                 except FUSEError:
                     raise
                 except Exception as e:
@@ -134,6 +139,7 @@ class Operations(pyfuse3.Operations):
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
+        self._low_space = False
         # The id, allocated in advance, of the next file `create` makes; its
         # key is being prefetched.
         self._next_file_id: int | None = None
@@ -162,6 +168,33 @@ class Operations(pyfuse3.Operations):
         else:
             log.exception("%s: unexpected error", operation)
         return errno.EIO
+
+    def commit(self) -> None:
+        """Commit the metadata changes of the requests so far.
+
+        A commit that fails loses its whole group of changes (SQLite rolls it
+        back), so it must not run out of space: when the disk is nearly full
+        the space reserve is given up first, and from then on every request
+        commits its own changes, so that a failure is that request's error.
+        """
+        free = self.store.free_bytes()
+        self._low_space = free < LOW_SPACE_BYTES
+        if free < RESERVE_BYTES:
+            self.store.release_reserve()
+        try:
+            self.md.commit()
+        except BaseException:
+            self._inodes.clear()
+            self._without_xattrs.clear()
+            raise
+
+    def commit_if_due(self, *, now: bool = False) -> None:
+        """For the daemon's timers: commit a group that has waited long enough (or any, `now`)."""
+        try:
+            if self.md.commit_due() or now:
+                self.commit()
+        except Exception as e:
+            self.failed("commit", e)
 
     def counters(self) -> dict[str, int]:
         """Figures for `envfs status` and benchmarks."""
@@ -321,6 +354,7 @@ class Operations(pyfuse3.Operations):
                 old = inode.size
                 inode.size = size
                 self._save(inode)
+                self.commit()
                 inode.block_writes += data.truncate(old, size)
             else:
                 inode.block_writes += data.truncate(inode.size, size)
@@ -897,7 +931,7 @@ class Operations(pyfuse3.Operations):
 
 
 def delete_inode(store: Store, metadata: Metadata, inode: Inode) -> None:
-    """Remove an unlinked inode's rows and its data file."""
+    """Remove an unlinked inode's rows, and its data file once that is committed."""
     metadata.delete_inode(inode.id)
     if stat.S_ISREG(inode.mode):
-        store.remove_data_file(inode.id, inode.key_version, inode.key_epoch)
+        metadata.after_commit(functools.partial(store.remove_data_file, inode.id, inode.key_version, inode.key_epoch))

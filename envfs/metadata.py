@@ -7,16 +7,20 @@ whenever a row is read; names, symlink targets and xattrs are AES-SIV
 ciphertexts (see `names`) and authenticate themselves.
 
 The database runs in WAL mode with synchronous=NORMAL: every transaction is
-atomic and survives a crash of the daemon; `sync()` makes everything
-committed so far durable against power loss (fsync, unmount).
+atomic and survives a crash of the daemon once committed; `sync()` commits
+and makes everything committed durable against power loss (fsync, unmount).
+While mounted, changes are grouped into one transaction per ~0.1 s
+(`group_commits`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from hmac import compare_digest
@@ -25,7 +29,14 @@ from cryptography.hazmat.primitives import hmac
 
 from .errors import CorruptStore, IntegrityError
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
+# Group commits: at most this long, or this many changed rows, between commits.
+# A commit writes the changed pages to the WAL; a group of GROUP_CHANGES rows
+# stays well inside the store's space reserve (store.RESERVE_BYTES).
+GROUP_SECONDS = 0.1
+GROUP_CHANGES = 256
 ROOT_INODE = 1
 MAC_SIZE = 32
 
@@ -149,6 +160,11 @@ class Metadata:
     def __init__(self, path: str | os.PathLike[str], mac: hmac.HMAC, *, create: bool = False) -> None:
         self._mac = mac
         self._depth = 0
+        self._grouping = False
+        self._group_open = False
+        self._group_started = 0.0
+        self._group_changes = 0
+        self._after_commit: list[Callable[[], None]] = []
         self._next_inode_id: int | None = None
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -168,7 +184,11 @@ class Metadata:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """A write transaction; nested uses join the outer one."""
+        """Changes that take effect together or not at all; nested uses join the outer one.
+
+        Under group commits this is a savepoint inside the group transaction:
+        a failing request undoes its own changes and no one else's.
+        """
         if self._depth:
             self._depth += 1
             try:
@@ -177,19 +197,104 @@ class Metadata:
                 self._depth -= 1
             return
         self._depth = 1
-        self.db.execute("BEGIN IMMEDIATE")
+        grouped = self._grouping
+        if grouped:
+            self._begin_group()
+            self.db.execute("SAVEPOINT request")
+        else:
+            self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK TO request" if grouped else "ROLLBACK")
+                if grouped:
+                    self.db.execute("RELEASE request")
             raise
         else:
-            self.db.execute("COMMIT")
+            self.db.execute("RELEASE request" if grouped else "COMMIT")
         finally:
             self._depth = 0
 
+    def _change(self, sql: str, parameters: tuple[object, ...]) -> sqlite3.Cursor:
+        """Run a statement that changes the database."""
+        if self._grouping:
+            self._begin_group()
+            self._group_changes += 1
+        return self.db.execute(sql, parameters)
+
+    # -- group commits -------------------------------------------------------
+
+    def group_commits(self) -> None:
+        """From now on, collect changes in one transaction until `commit`.
+
+        A commit per change costs more than most changes themselves. The
+        daemon commits every GROUP_SECONDS at the latest, and at once where
+        the order of writes matters (`after_commit`, `sync`). A crash of the
+        daemon loses at most the changes since the last commit, never
+        consistency: the database is always left in a committed state.
+        """
+        self._grouping = True
+
+    def _begin_group(self) -> None:
+        if self._group_open and not self.db.in_transaction:
+            self._group_lost("SQLite rolled the transaction back after an error")
+        if not self._group_open:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._group_started = time.monotonic()
+            self._group_changes = 0
+            self._group_open = True
+
+    def commit_due(self) -> bool:
+        return self._group_open and (
+            self._group_changes >= GROUP_CHANGES or time.monotonic() - self._group_started >= GROUP_SECONDS
+        )
+
+    def commit(self) -> None:
+        """Commit the group transaction, then run what waited for it.
+
+        SQLite rolls the whole transaction back when its commit fails (on a
+        full disk among other causes; measured): the group's changes are then
+        lost, the actions waiting for them are dropped, and the error raised.
+        """
+        if self._depth:
+            raise AssertionError("commit inside a transaction")
+        if self._group_open:
+            try:
+                if not self.db.in_transaction:
+                    raise sqlite3.OperationalError("SQLite rolled the transaction back after an error")
+                self.db.execute("COMMIT")
+            except sqlite3.Error as e:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                self._group_lost(str(e))
+                raise
+            self._group_open = False
+        actions, self._after_commit = self._after_commit, []
+        for action in actions:
+            try:
+                action()
+            except Exception:
+                # What waits for a commit is cleanup (a data file to remove); a
+                # failure leaves a leftover for the next mount, not a reason to
+                # fail the request that happened to trigger the commit.
+                log.exception("metadata: after commit")
+
+    def _group_lost(self, why: str) -> None:
+        log.error("metadata: %d changes since the last commit are lost: %s", self._group_changes, why)
+        self._group_open = False
+        self._after_commit.clear()
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run `action` once the changes made so far are committed (at once if they are)."""
+        if self._group_open:
+            self._after_commit.append(action)
+        else:
+            action()
+
     def sync(self) -> None:
-        """Make every committed transaction durable (fsync of WAL and database)."""
+        """Commit, and make every committed transaction durable (fsync of WAL and database)."""
+        self.commit()
         self.db.execute("PRAGMA wal_checkpoint(FULL)")
 
     def get_setting(self, name: str) -> object:
@@ -197,7 +302,7 @@ class Metadata:
         return None if row is None else row[0]
 
     def set_setting(self, name: str, value: object) -> None:
-        self.db.execute("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (name, value))
+        self._change("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (name, value))
 
     # -- MACs --------------------------------------------------------------
 
@@ -245,7 +350,7 @@ class Metadata:
     def create_inode(self, inode_id: int | None = None, **values: int) -> Inode:
         """Insert a new inode under `inode_id` (from `allocate_inode_id`) or a fresh id."""
         inode = Inode(id=self.allocate_inode_id() if inode_id is None else inode_id, **values)
-        self.db.execute(
+        self._change(
             f"INSERT INTO inodes ({', '.join(_INODE_COLUMNS)}, mac) VALUES ({', '.join('?' * len(_INODE_COLUMNS))}, ?)",
             (*(getattr(inode, c) for c in _INODE_COLUMNS), self.inode_mac(inode)),
         )
@@ -253,16 +358,16 @@ class Metadata:
 
     def save_inode(self, inode: Inode) -> None:
         assignments = ", ".join(f"{c}=?" for c in _INODE_COLUMNS[1:])
-        self.db.execute(
+        self._change(
             f"UPDATE inodes SET {assignments}, mac=? WHERE id=?",
             (*(getattr(inode, c) for c in _INODE_COLUMNS[1:]), self.inode_mac(inode), inode.id),
         )
 
     def delete_inode(self, inode_id: int) -> None:
         with self.transaction():
-            self.db.execute("DELETE FROM inodes WHERE id=?", (inode_id,))
-            self.db.execute("DELETE FROM symlinks WHERE inode=?", (inode_id,))
-            self.db.execute("DELETE FROM xattrs WHERE inode=?", (inode_id,))
+            self._change("DELETE FROM inodes WHERE id=?", (inode_id,))
+            self._change("DELETE FROM symlinks WHERE inode=?", (inode_id,))
+            self._change("DELETE FROM xattrs WHERE inode=?", (inode_id,))
 
     def orphans(self) -> list[int]:
         return [row[0] for row in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]
@@ -299,17 +404,17 @@ class Metadata:
         return self.db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (parent,)).fetchone() is not None
 
     def add_entry(self, parent: int, name: bytes, inode: int) -> None:
-        self.db.execute(
+        self._change(
             "INSERT INTO dentries (parent, name, inode, mac) VALUES (?, ?, ?, ?)",
             (parent, name, inode, self.dentry_mac(parent, inode, name)),
         )
 
     def remove_entry(self, parent: int, name: bytes) -> None:
-        self.db.execute("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+        self._change("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
 
     def repoint_entry(self, parent: int, name: bytes, inode: int) -> None:
         """Make an existing entry name another inode (rename over, exchange)."""
-        self.db.execute(
+        self._change(
             "UPDATE dentries SET inode=?, mac=? WHERE parent=? AND name=?",
             (inode, self.dentry_mac(parent, inode, name), parent, name),
         )
@@ -324,7 +429,7 @@ class Metadata:
     # -- symlinks and xattrs -----------------------------------------------
 
     def set_symlink(self, inode: int, target: bytes) -> None:
-        self.db.execute("INSERT OR REPLACE INTO symlinks (inode, target) VALUES (?, ?)", (inode, target))
+        self._change("INSERT OR REPLACE INTO symlinks (inode, target) VALUES (?, ?)", (inode, target))
 
     def get_symlink(self, inode: int) -> bytes | None:
         row = self.db.execute("SELECT target FROM symlinks WHERE inode=?", (inode,)).fetchone()
@@ -335,10 +440,10 @@ class Metadata:
         return None if row is None else bytes(row[0])
 
     def set_xattr(self, inode: int, name: bytes, value: bytes) -> None:
-        self.db.execute("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?, ?, ?)", (inode, name, value))
+        self._change("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?, ?, ?)", (inode, name, value))
 
     def remove_xattr(self, inode: int, name: bytes) -> bool:
-        return self.db.execute("DELETE FROM xattrs WHERE inode=? AND name=?", (inode, name)).rowcount > 0
+        return self._change("DELETE FROM xattrs WHERE inode=? AND name=?", (inode, name)).rowcount > 0
 
     def has_xattrs(self, inode: int) -> bool:
         return self.db.execute("SELECT 1 FROM xattrs WHERE inode=? LIMIT 1", (inode,)).fetchone() is not None

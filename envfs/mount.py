@@ -32,7 +32,7 @@ from .errors import BadMountpoint, EnvfsError, MountFailed, NotMounted
 from .fs import Operations, delete_inode
 from .hsm import Hsm
 from .keys import KeyRing
-from .metadata import Metadata
+from .metadata import GROUP_SECONDS, Metadata
 from .secret import harden_process, zero_buffer
 from .store import Store, StoreLock, Superblock
 
@@ -193,6 +193,7 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
             recover(store, metadata)
             metadata.set_setting("mounted", 1)
             metadata.sync()
+            metadata.group_commits()
             names = keys.name_cipher()
             zero_queue_send, zero_queue_receive = trio.open_memory_channel[bytearray](math.inf)
             operations = Operations(
@@ -225,25 +226,35 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         stack.callback(finish)
         log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
         ready(None)
-        trio.run(_main, zero_queue_receive, lambda: _housekeeping(store, lock, operations), mountpoint)
+        trio.run(_main, zero_queue_receive, lambda: _housekeeping(store, lock, operations), operations, mountpoint)
         clean = True
         log.info("unmounted %s", mountpoint)
 
 
 async def _main(
-    zero_queue: trio.MemoryReceiveChannel[bytearray], housekeeping: Callable[[], None], mountpoint: str
-) -> None:
+    zero_queue: trio.MemoryReceiveChannel[bytearray], housekeeping: Callable[[], None], operations: Operations,
+    mountpoint: str,
+) -> None:  # fmt: skip
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_widen_readahead, mountpoint)
         nursery.start_soon(_zero_read_buffers, zero_queue)
         nursery.start_soon(_terminate_on_signals)
         nursery.start_soon(_every_second, housekeeping)
+        nursery.start_soon(_group_commits, operations)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
 
+async def _group_commits(operations: Operations) -> None:
+    """Commit grouped metadata changes that no request has committed in time."""
+    while True:
+        await trio.sleep(GROUP_SECONDS / 2)
+        operations.commit_if_due()
+
+
 def _housekeeping(store: Store, lock: StoreLock, operations: Operations) -> None:
-    """Publish the counters in the lock record; top up the space reserve."""
+    """Commit; publish the counters in the lock record; top up the space reserve."""
+    operations.commit_if_due(now=True)
     lock.update(operations.counters())
     try:
         store.keep_reserve()

@@ -236,6 +236,11 @@ class Store:
         finally:
             os.close(fd)
 
+    def free_bytes(self) -> int:
+        """Space the backing filesystem has left for us."""
+        free = os.statvfs(self.path)
+        return free.f_bavail * free.f_frsize
+
     def release_reserve(self) -> bool:
         """Free the reserve (the disk is full); True if there was one."""
         try:

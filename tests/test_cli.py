@@ -352,7 +352,10 @@ def test_mount_refuses_edited_superblock(used_store: Envfs) -> None:
 
 
 def test_mount_refuses_store_already_mounted(mounted: Path, envfs: Envfs) -> None:
-    (mounted / "f").write_text("still here")
+    with open(mounted / "f", "w") as f:
+        f.write("still here")
+        f.flush()
+        os.fsync(f.fileno())  # committed now, not by the daemon's timer during the snapshots below
     pid = envfs.daemon_pid()
     mnt2 = envfs.root / "mnt2"
     mnt2.mkdir()
