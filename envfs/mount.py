@@ -241,7 +241,9 @@ async def _main(
         nursery.start_soon(_terminate_on_signals)
         nursery.start_soon(_every_second, housekeeping)
         nursery.start_soon(_group_commits, operations)
-        await pyfuse3.main()
+        # Handlers never wait (fs.py), so a second worker task could only take
+        # turns with the first; one worker spares the hand-over on every request.
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
@@ -333,7 +335,13 @@ def mount(store_path: str, mountpoint: str, pin: str, options: MountOptions) -> 
 # module's buffers (p11-kit-client's RPC message holding a derived key) are
 # freed without being zeroed: the daemon runs with the per-thread cache off and
 # every freed chunk overwritten, so no such residue outlives its free().
-MALLOC_TUNABLES = "glibc.malloc.tcache_count=0:glibc.malloc.perturb=165"
+# Requests of up to 1 MiB come with buffers as large; served from the heap
+# rather than a fresh mmap each (glibc's default above 128 KiB), they cost no
+# page faults, and they too are overwritten when freed.
+MALLOC_TUNABLES = (
+    "glibc.malloc.tcache_count=0:glibc.malloc.perturb=165"
+    ":glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=33554432"
+)
 
 
 def _start_daemon(store: Store, mountpoint: str, pin: str, options: MountOptions) -> None:

@@ -91,7 +91,7 @@ def test_block_binding() -> None:
         cipher.decrypt_into(3, memoryview(slot)[:n], memoryview(out))
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(8))
 def test_datafile_against_model(tmp_path: Path, seed: int) -> None:
     """Random writes and truncates match a bytearray model, and the length rules hold."""
     rng = random.Random(seed)
@@ -101,8 +101,10 @@ def test_datafile_against_model(tmp_path: Path, seed: int) -> None:
     size = 0
     for _ in range(120):
         if rng.random() < 0.6:
-            off = rng.choice([0, size, rng.randrange(0, size + 9000), rng.randrange(0, 20000)])
-            chunk = os.urandom(rng.choice([1, 2, 100, 4095, 4096, 4097, rng.randrange(1, 20000)]))
+            off = rng.choice(
+                [0, size, rng.randrange(0, size + 9000), rng.randrange(0, 20000), 4096 * rng.randrange(0, 8)]
+            )
+            chunk = os.urandom(rng.choice([1, 2, 100, 4095, 4096, 4097, 3 * 4096, rng.randrange(1, 20000)]))
             size, _ = data.write(off, memoryview(chunk), size)
             model.extend(bytes(max(0, off - len(model))))
             model[off : off + len(chunk)] = chunk
@@ -118,6 +120,11 @@ def test_datafile_against_model(tmp_path: Path, seed: int) -> None:
         out = bytearray(size)
         assert data.read_into(0, memoryview(out), size) == size
         assert out == model
+        for _ in range(3):  # ranges that start and end inside blocks, on boundaries, past the end
+            off = rng.choice([rng.randrange(0, size + 1), 4096 * rng.randrange(0, 6)])
+            part = bytearray(rng.choice([1, 4096, 2 * 4096, rng.randrange(1, 30000)]))
+            got = data.read_into(off, memoryview(part), size)
+            assert part[:got] == model[off : off + len(part)]
     data.close()
     reopened = DataFile(os.open(path, os.O_RDWR), _cipher(), size)
     copy = DataFile(os.open(tmp_path / "copy", os.O_RDWR | os.O_CREAT), _cipher(epoch=1), 0)
