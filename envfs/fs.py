@@ -158,9 +158,12 @@ class Operations(pyfuse3.Operations):
         self._inodes.clear()
         self._without_xattrs.clear()
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._low_space = True  # commit per request until a commit finds room again
             log.warning("%s: %s", operation, error)
             return error.errno
         if isinstance(error, sqlite3.DatabaseError) and "full" in str(error):
+            self._low_space = True
             log.warning("%s: metadata database: %s", operation, error)
             return errno.ENOSPC
         if isinstance(error, OSError | sqlite3.Error | EnvfsError):
@@ -235,9 +238,22 @@ class Operations(pyfuse3.Operations):
         if inode is None or inode.nlink > 0:
             self._release_cache(inode_id)
             return
+        self._free_space_early(inode)
         delete_inode(self.store, self.md, inode)
         self._inodes.pop(inode_id, None)
         self._without_xattrs.discard(inode_id)
+
+    def _free_space_early(self, inode: Inode) -> None:
+        """On a nearly full disk, remove an unlinked, unopened file's data at once.
+
+        Deleting rows needs room that only removing the data file gives, and
+        the kernel's forget, which ends the inode, comes when it likes. Once
+        nlink 0 is committed the inode is an orphan, whose data file may go
+        first: recovery deletes orphans anyway.
+        """
+        if self._low_space and inode.nlink == 0 and stat.S_ISREG(inode.mode) and inode.id not in self._open:
+            self.commit()
+            self.store.remove_data_file(inode.id, inode.key_version, inode.key_epoch)
 
     def _attrs(self, inode: Inode) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -313,6 +329,10 @@ class Operations(pyfuse3.Operations):
                 self._maybe_delete(inode_id)
             except Exception:
                 log.exception("forget(%d) failed; the inode is cleaned at the next mount", inode_id)
+        if self._low_space:
+            # A forget is often what deletes a file; on a full disk its space
+            # must be free before the next request, not at the next timer commit.
+            self.commit_if_due(now=True)
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -536,6 +556,7 @@ class Operations(pyfuse3.Operations):
             if directory:
                 parent.nlink -= 1
             self._touch_dir(parent, now)
+        self._free_space_early(inode)
         self._maybe_delete(inode.id)
 
     def _drop_link(self, inode: Inode, now: int) -> None:
@@ -786,6 +807,7 @@ class Operations(pyfuse3.Operations):
         handle, inode, open_file = self._handle(fh)
         os.fsync(open_file.data.fd)
         self.store.sync_data_dir(inode.id)
+        self.commit()
         self.md.sync()
 
     # -- directories -----------------------------------------------------------
@@ -825,6 +847,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.commit()
         self.md.sync()
 
     @handler
