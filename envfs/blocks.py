@@ -84,15 +84,7 @@ class BlockCipher:
 
     def encrypt_into(self, index: int, plaintext: memoryview, slot: memoryview) -> int:
         """Encrypt one block into `slot` (nonce || ciphertext || tag); return its length."""
-        if self._aead is None:
-            raise ValueError("block cipher closed")
-        nonce = os.urandom(NONCE_SIZE)
-        while nonce == _ZERO_NONCE:  # an all-zero slot means "hole"
-            nonce = os.urandom(NONCE_SIZE)
-        slot[:NONCE_SIZE] = nonce
-        end = NONCE_SIZE + len(plaintext) + TAG_SIZE
-        written = self._aead.encrypt_into(nonce, plaintext, self._aad(index), slot[NONCE_SIZE:end])
-        return NONCE_SIZE + written
+        return self.encrypt_blocks_into(index, plaintext, slot)
 
     def encrypt_blocks_into(self, first_index: int, plaintext: memoryview, slots: memoryview) -> int:
         """Encrypt consecutive blocks (each 4096 bytes, the last one possibly

@@ -84,7 +84,7 @@ class DataFile:
                 count = (run_stop - run_start) * BLOCK_SIZE
                 self.cipher.decrypt_blocks_into(run_start, slots, out[pos : pos + count])
                 pos += count
-            for index in range(max(run_stop, run_start), last + 1):
+            for index in range(run_stop, last + 1):
                 pos += self._read_part(index, offset, end, size, ciphertext[(index - first) * SLOT_SIZE :], out[pos:])
         finally:
             zero_buffer(self._scratch)

@@ -155,8 +155,7 @@ class Operations(pyfuse3.Operations):
             return errno.EIO
         # The request may have changed cached inodes and then failed to commit:
         # drop the cache so the next request reads what the database holds.
-        self._inodes.clear()
-        self._without_xattrs.clear()
+        self._drop_caches()
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._low_space = True  # commit per request until a commit finds room again
@@ -187,9 +186,12 @@ class Operations(pyfuse3.Operations):
         try:
             self.md.commit()
         except BaseException:
-            self._inodes.clear()
-            self._without_xattrs.clear()
+            self._drop_caches()
             raise
+
+    def _drop_caches(self) -> None:
+        self._inodes.clear()
+        self._without_xattrs.clear()
 
     def commit_if_due(self, *, now: bool = False) -> None:
         """For the daemon's timers: commit a group that has waited long enough (or any, `now`)."""
@@ -232,26 +234,29 @@ class Operations(pyfuse3.Operations):
 
     def _maybe_delete(self, inode_id: int) -> None:
         """Delete an unlinked inode once neither the kernel nor a handle holds it."""
-        if inode_id in self._lookups or inode_id in self._open:
+        if inode_id in self._open:
             return
         inode = self._inodes.get(inode_id) or self.md.get_inode(inode_id)
         if inode is None or inode.nlink > 0:
             self._release_cache(inode_id)
             return
         self._free_space_early(inode)
+        if inode_id in self._lookups:
+            return
         delete_inode(self.store, self.md, inode)
         self._inodes.pop(inode_id, None)
         self._without_xattrs.discard(inode_id)
 
     def _free_space_early(self, inode: Inode) -> None:
-        """On a nearly full disk, remove an unlinked, unopened file's data at once.
+        """On a nearly full disk, remove an unlinked, unopened file's data at once,
+        even while the kernel still holds the inode.
 
         Deleting rows needs room that only removing the data file gives, and
         the kernel's forget, which ends the inode, comes when it likes. Once
         nlink 0 is committed the inode is an orphan, whose data file may go
         first: recovery deletes orphans anyway.
         """
-        if self._low_space and inode.nlink == 0 and stat.S_ISREG(inode.mode) and inode.id not in self._open:
+        if self._low_space and stat.S_ISREG(inode.mode):
             self.commit()
             self.store.remove_data_file(inode.id, inode.key_version, inode.key_epoch)
 
@@ -556,7 +561,6 @@ class Operations(pyfuse3.Operations):
             if directory:
                 parent.nlink -= 1
             self._touch_dir(parent, now)
-        self._free_space_early(inode)
         self._maybe_delete(inode.id)
 
     def _drop_link(self, inode: Inode, now: int) -> None:

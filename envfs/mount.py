@@ -255,8 +255,7 @@ async def _group_commits(operations: Operations) -> None:
 
 
 def _housekeeping(store: Store, lock: StoreLock, operations: Operations) -> None:
-    """Commit; publish the counters in the lock record; top up the space reserve."""
-    operations.commit_if_due(now=True)
+    """Publish the counters in the lock record; top up the space reserve."""
     lock.update(operations.counters())
     try:
         store.keep_reserve()
