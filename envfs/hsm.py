@@ -274,7 +274,17 @@ class Hsm:
 
     def derive(self, key_label: str, info: bytes) -> Secret:
         """HKDF-Expand(PRK=master, info, L=32), i.e. HMAC-SHA256(master, info || 0x01)."""
-        return self._with_reconnect(lambda: self._derive_once(key_label, info))
+        out = Secret(DERIVED_KEY_BYTES)
+        try:
+            self.derive_into(key_label, info, out)
+        except BaseException:
+            out.wipe()
+            raise
+        return out
+
+    def derive_into(self, key_label: str, info: bytes, out: Secret) -> None:
+        """`derive`, into a Secret of DERIVED_KEY_BYTES the caller owns."""
+        self._with_reconnect(lambda: self._derive_once(key_label, info, out))
 
     def _with_reconnect(self, call: Callable[[], T]) -> T:
         try:
@@ -289,27 +299,21 @@ class Hsm:
         except _TokenGone as e:
             raise HsmError(f"token {self.token_label!r} unavailable: {e}") from e
 
-    def _derive_once(self, key_label: str, info: bytes) -> Secret:
+    def _derive_once(self, key_label: str, info: bytes, out: Secret) -> None:
         key = self._key(key_label)
         message = info + b"\x01"
-        out = Secret(DERIVED_KEY_BYTES)
+        mechanism = _Mechanism(_CKM_SHA256_HMAC, None, 0)
+        self._module.check("C_SignInit", self._session, ctypes.byref(mechanism), key)
+        length = _CK_ULONG(DERIVED_KEY_BYTES)
+        target = (ctypes.c_char * DERIVED_KEY_BYTES).from_buffer(out.view)
         try:
-            mechanism = _Mechanism(_CKM_SHA256_HMAC, None, 0)
-            self._module.check("C_SignInit", self._session, ctypes.byref(mechanism), key)
-            length = _CK_ULONG(DERIVED_KEY_BYTES)
-            target = (ctypes.c_char * DERIVED_KEY_BYTES).from_buffer(out.view)
-            try:
-                self._module.check(
-                    "C_Sign", self._session, message, len(message), ctypes.addressof(target), ctypes.byref(length)
-                )
-            finally:
-                del target
-            if length.value != DERIVED_KEY_BYTES:
-                raise HsmError(f"C_Sign returned {length.value} bytes, expected {DERIVED_KEY_BYTES}")
-        except BaseException:
-            out.wipe()
-            raise
-        return out
+            self._module.check(
+                "C_Sign", self._session, message, len(message), ctypes.addressof(target), ctypes.byref(length)
+            )
+        finally:
+            del target
+        if length.value != DERIVED_KEY_BYTES:
+            raise HsmError(f"C_Sign returned {length.value} bytes, expected {DERIVED_KEY_BYTES}")
 
     def close(self) -> None:
         session, self._session = self._session, None

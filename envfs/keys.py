@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, hmac
 from . import kdf
 from .blocks import BlockCipher
 from .errors import CorruptStore, KeyNotFound, WrongKey
-from .hsm import Hsm
+from .hsm import DERIVED_KEY_BYTES, Hsm
 from .names import NameCipher
 from .secret import Secret
 from .store import Superblock
@@ -40,12 +40,16 @@ class KeyRing:
         # and the prefetch thread shares this one.
         self._hsm_lock = threading.Lock()
         self._prefetcher: ThreadPoolExecutor | None = None
-        self._prefetched: tuple[tuple[int, int, int], Future[BlockCipher]] | None = None
+        self._prefetched: tuple[tuple[int, int, int], Secret, Future[None]] | None = None
 
     def _derive(self, key_version: int, info: bytes) -> Secret:
+        self.derivations += 1
         with self._hsm_lock:
-            self.derivations += 1
             return self.hsm.derive(self.superblock.key(key_version).label, info)
+
+    def _derive_into(self, key_label: str, info: bytes, out: Secret) -> None:
+        with self._hsm_lock:
+            self.hsm.derive_into(key_label, info, out)
 
     def check_value(self, key_version: int) -> str:
         with self._derive(key_version, kdf.key_check_info(self.superblock.uuid, key_version)) as secret:
@@ -91,20 +95,21 @@ class KeyRing:
             key.wipe()
 
     def file_cipher(self, inode_id: int, key_version: int, key_epoch: int) -> BlockCipher:
-        """The data cipher of one file: the prefetched one if it is for this file."""
+        """The data cipher of one file: from the prefetched key if it is this file's."""
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None:
-            wanted, future = prefetched
-            if wanted == (inode_id, key_version, key_epoch):
-                try:
-                    return future.result()
-                except Exception as e:
-                    log.warning("prefetched key for inode %d failed (%s); deriving it again", inode_id, e)
+            wanted, dek, future = prefetched
+            if wanted != (inode_id, key_version, key_epoch):
+                _discard(dek, future)
             else:
-                _discard(future)
-        return self._file_cipher(inode_id, key_version, key_epoch)
-
-    def _file_cipher(self, inode_id: int, key_version: int, key_epoch: int) -> BlockCipher:
+                try:
+                    future.result()
+                except Exception as e:
+                    dek.wipe()
+                    log.warning("prefetched key for inode %d failed (%s); deriving it again", inode_id, e)
+                else:
+                    with dek:
+                        return BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
         info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
         with self._derive(key_version, info) as dek:
             return BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
@@ -114,18 +119,24 @@ class KeyRing:
 
         The HSM round trips (most of a create's cost) then overlap with the
         requests that come before the create; `file_cipher` collects the
-        result. At most one prefetched key exists; an unused one is wiped.
+        result. The thread runs nothing but the HSM calls: each time it takes
+        the GIL back it stalls the request being served. At most one
+        prefetched key exists; an unused one is wiped.
         """
         self.drop_prefetched()
         if self._prefetcher is None:
             self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="envfs-key-prefetch")
-        future = self._prefetcher.submit(self._file_cipher, inode_id, key_version, key_epoch)
-        self._prefetched = ((inode_id, key_version, key_epoch), future)
+        label = self.superblock.key(key_version).label
+        info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
+        dek = Secret(DERIVED_KEY_BYTES)
+        self.derivations += 1
+        future = self._prefetcher.submit(self._derive_into, label, info, dek)
+        self._prefetched = ((inode_id, key_version, key_epoch), dek, future)
 
     def drop_prefetched(self) -> None:
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None:
-            _discard(prefetched[1])
+            _discard(*prefetched[1:])
 
     def close(self) -> None:
         self.drop_prefetched()
@@ -135,11 +146,6 @@ class KeyRing:
         self._metadata_mac = None
 
 
-def _discard(future: Future[BlockCipher]) -> None:
-    """Wipe a prefetched cipher nobody will use, once its derivation is done."""
-
-    def close(done: Future[BlockCipher]) -> None:
-        if not done.cancelled() and done.exception() is None:
-            done.result().close()
-
-    future.add_done_callback(close)
+def _discard(dek: Secret, future: Future[None]) -> None:
+    """Wipe a prefetched key nobody will use, once its derivation is done."""
+    future.add_done_callback(lambda _: dek.wipe())

@@ -1,8 +1,8 @@
 """The only owner of key bytes, and the helpers that shred plaintext.
 
-A `Secret` lives in its own anonymous mapping: locked in RAM where the
-RLIMIT allows, excluded from core dumps, wiped in a forked child, and zeroed
-by `wipe()`. Nothing here has a repr that shows contents.
+A `Secret` lives in anonymous mappings made for secrets only: locked in RAM
+where the RLIMIT allows, excluded from core dumps, wiped in a forked child,
+and zeroed by `wipe()`. Nothing here has a repr that shows contents.
 
 `zero_bytes` overwrites an immutable `bytes` object in place. That is only
 sound for a object nobody else can see: CPython shares the empty and 1-byte
@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import logging
 import mmap
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -40,28 +41,78 @@ _BYTES_DATA_OFFSET = bytes.__basicsize__ - 1
 _BYTES_HASH_OFFSET = _BYTES_DATA_OFFSET - ctypes.sizeof(ctypes.c_ssize_t)
 
 
+class _SlotArena:
+    """Fixed-size slots for small secrets in locked, non-dumpable pages.
+
+    Setting up a mapping of its own (mmap, mlock, two madvise, munmap) costs
+    about 30 µs, more than deriving a key is worth spending on memory; keys
+    are 32 or 64 bytes. So small secrets share pages set up once, a chunk at a
+    time, and a freed slot is zeroed before it goes back on the free list.
+    Chunks are never unmapped: at most as many slots exist as keys were alive
+    at once.
+    """
+
+    SLOT = 64
+    CHUNK = 16 * mmap.PAGESIZE
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[memoryview] = []
+        self._chunks: list[mmap.mmap] = []
+
+    def take(self) -> memoryview:
+        with self._lock:
+            if not self._free:
+                chunk = _locked_mapping(self.CHUNK)
+                self._chunks.append(chunk)
+                whole = memoryview(chunk)
+                self._free.extend(whole[i : i + self.SLOT] for i in range(self.CHUNK - self.SLOT, -1, -self.SLOT))
+            return self._free.pop()
+
+    def give_back(self, slot: memoryview) -> None:
+        zero_buffer(slot)
+        with self._lock:
+            self._free.append(slot)
+
+
+def _locked_mapping(length: int) -> mmap.mmap:
+    """An anonymous mapping locked in RAM where the RLIMIT allows, left out of
+    core dumps and wiped in a forked child."""
+    mapping = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    _libc.mlock(address, length)
+    _libc.madvise(address, length, _MADV_DONTDUMP)
+    _libc.madvise(address, length, _MADV_WIPEONFORK)
+    return mapping
+
+
+_arena = _SlotArena()
+
+
 class Secret:
     """A fixed-size buffer of key material in locked, non-dumpable memory.
 
     Use `view` to let a library write into or read from it, then `wipe()`.
+    Up to `_SlotArena.SLOT` bytes it is a slot in shared pages; larger
+    secrets get a mapping of their own.
     """
 
-    __slots__ = ("_map", "_size", "_locked")
+    __slots__ = ("_slot", "_map", "_size")
 
     def __init__(self, size: int) -> None:
         self._size = size
-        length = max(mmap.PAGESIZE, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
-        self._map: mmap.mmap | None = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        self._locked = _libc.mlock(address, length) == 0
-        _libc.madvise(address, length, _MADV_DONTDUMP)
-        _libc.madvise(address, length, _MADV_WIPEONFORK)
+        self._map: mmap.mmap | None = None
+        if size <= _SlotArena.SLOT:
+            self._slot: memoryview | None = _arena.take()
+        else:
+            self._map = _locked_mapping(-(-size // mmap.PAGESIZE) * mmap.PAGESIZE)
+            self._slot = memoryview(self._map)
 
     @property
     def view(self) -> memoryview:
-        if self._map is None:
+        if self._slot is None:
             raise ValueError("secret already wiped")
-        return memoryview(self._map)[: self._size]
+        return self._slot[: self._size]
 
     def build(self, factory: Callable[[bytearray], T]) -> T:
         """Hand the key to a constructor that copies it (an AEAD, an HMAC).
@@ -81,10 +132,15 @@ class Secret:
 
     def wipe(self) -> None:
         """Zero and release the memory; safe to call twice."""
+        slot, self._slot = self._slot, None
+        if slot is None:
+            return
         mapping, self._map = self._map, None
         if mapping is None:
+            _arena.give_back(slot)
             return
-        mapping[:] = bytes(len(mapping))
+        zero_buffer(slot)
+        slot.release()
         mapping.close()
 
     def __enter__(self) -> Secret:
@@ -97,7 +153,7 @@ class Secret:
         self.wipe()
 
     def __repr__(self) -> str:
-        state = "wiped" if self._map is None else f"{self._size} bytes"
+        state = "wiped" if self._slot is None else f"{self._size} bytes"
         return f"<Secret {state}>"
 
 

@@ -1,7 +1,9 @@
 """The venv's pyfuse3 is the build with envfs's patches (scripts/build-pyfuse3, patches/pyfuse3/).
 
 Besides the markers, a tiny pyfuse3 filesystem (not envfs) is mounted to check that fallocate
-requests reach Python and that a write's plaintext does not stay in libfuse's receive buffer.
+requests reach Python, that a write's plaintext does not stay in libfuse's receive buffer (with
+one worker and with several), and that the single worker's loop keeps trio's other tasks running
+under a steady stream of requests.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +25,8 @@ from helpers import process_gone
 
 # A filesystem of empty files that keeps only sizes: every write payload is wiped in place (the
 # bytes object pyfuse3 hands over) and dropped, so any copy left in the process is pyfuse3's or
-# libfuse's. It logs fallocate calls to argv[2].
+# libfuse's. It logs fallocate calls to argv[2], and "tick" every 10 ms from a trio task beside
+# pyfuse3.main(max_tasks=argv[3]).
 TINY_FS = r"""
 import ctypes, errno, os, stat, sys
 import pyfuse3, trio
@@ -84,10 +88,21 @@ class FS(pyfuse3.Operations):
     async def release(self, fh):
         pass
 
+async def tick():
+    while True:
+        await trio.sleep(0.01)
+        log.write("tick\n")
+
+async def main(max_tasks):
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tick)
+        await pyfuse3.main(max_tasks=max_tasks)
+        nursery.cancel_scope.cancel()
+
 pyfuse3.init(FS(), sys.argv[1], set(pyfuse3.default_options) | {"fsname=envfs-pyfuse3-test"})
 log.write("mounted\n")
 try:
-    trio.run(pyfuse3.main)
+    trio.run(main, int(sys.argv[3]))
 finally:
     pyfuse3.close(unmount=True)
 """
@@ -98,7 +113,7 @@ def test_operations_has_fallocate() -> None:
 
 
 def test_envfs_patches_reported() -> None:
-    assert {"fallocate", "zero-recv-buf"} <= set(getattr(pyfuse3, "ENVFS_PATCHES", ()))
+    assert {"fallocate", "zero-recv-buf", "single-worker-loop"} <= set(getattr(pyfuse3, "ENVFS_PATCHES", ()))
 
 
 def test_default_fallocate_is_eopnotsupp() -> None:
@@ -112,12 +127,14 @@ def _mounted(path: Path) -> bool:
         return any(line.split()[4] == str(path) for line in f)
 
 
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+@pytest.fixture(params=[1, 99], ids=["one-worker", "workers"])
+def tiny_fs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
     mnt, log, script = tmp_path / "mnt", tmp_path / "fs.log", tmp_path / "tiny_fs.py"
     mnt.mkdir()
     script.write_text(TINY_FS)
-    proc = subprocess.Popen([sys.executable, str(script), str(mnt), str(log)], stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(mnt), str(log), str(request.param)], stdin=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 20
         while not _mounted(mnt):
@@ -173,3 +190,44 @@ def test_write_payload_not_left_in_receive_buffer(
         assert f.write(os.urandom(100) + marker + os.urandom(size - 132)) == size
     time.sleep(0.2)  # let the worker finish the request
     assert _copies_in_memory(proc.pid, marker) == 0
+
+
+def _fuse_fd_flags(pid: int) -> int:
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                fdinfo = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+                return int(re.search(r"^flags:\s+([0-7]+)$", fdinfo, re.M).group(1), 8)  # type: ignore[union-attr]
+        except FileNotFoundError:
+            continue
+    raise AssertionError("no /dev/fuse descriptor")
+
+
+def test_single_worker_serves_a_stream_of_requests_and_trio_keeps_running(
+    tiny_fs: tuple[subprocess.Popen[bytes], Path, Path], request: pytest.FixtureRequest
+) -> None:
+    proc, mnt, log = tiny_fs
+    one_worker = request.node.callspec.params["tiny_fs"] == 1
+    # The single worker reads until EAGAIN; several workers keep the blocking fd.
+    assert bool(_fuse_fd_flags(proc.pid) & os.O_NONBLOCK) == one_worker
+    (mnt / "f").touch()
+    stop = time.monotonic() + 1.5
+    errors: list[BaseException] = []
+
+    def stat_loop() -> None:
+        try:
+            while time.monotonic() < stop:
+                os.stat(mnt / "f")  # attr_timeout 0: every stat is a request
+        except BaseException as e:
+            errors.append(e)
+
+    ticks_before = log.read_text().count("tick")
+    threads = [threading.Thread(target=stat_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors
+    # The ticker (every 10 ms) ran all along: about 150 ticks; a starved loop would log none.
+    assert log.read_text().count("tick") - ticks_before >= 30
+    assert proc.poll() is None
