@@ -48,6 +48,9 @@ _RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 # Below this much free space on the backing filesystem, every request commits.
 LOW_SPACE_BYTES = 4 * RESERVE_BYTES
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+# A key derived ahead (of a create, of an open in listing order) is wiped when
+# unused for this long: an idle mount holds no key of a file nobody opened.
+PREFETCH_MAX_AGE = 5.0
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -143,6 +146,10 @@ class Operations(pyfuse3.Operations):
         # The id, allocated in advance, of the next file `create` makes; its
         # key is being prefetched.
         self._next_file_id: int | None = None
+        # The file whose key was prefetched at the last first open, and how
+        # many such guesses in a row missed.
+        self._guessed_next: int | None = None
+        self._guess_misses = 0
         self.rekeys = 0
         self.data_opens = 0
         self.integrity_errors = 0
@@ -205,6 +212,7 @@ class Operations(pyfuse3.Operations):
         """Figures for `envfs status` and benchmarks."""
         return {
             "hsm_derivations": self.keys.derivations,
+            "prefetched_keys_used": self.keys.prefetch_hits,
             "data_file_opens": self.data_opens,
             "open_files": len(self._open),
             "open_handles": len(self._handles),
@@ -437,6 +445,7 @@ class Operations(pyfuse3.Operations):
             parent.nlink += 1
         self._touch_dir(parent, now)
         self._inodes[inode.id] = inode
+        self._without_xattrs.add(inode.id)  # the kernel asks for security.capability before each write
         return inode, name_ct
 
     @handler
@@ -655,7 +664,13 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EISDIR)
         if not stat.S_ISREG(inode.mode):
             raise FUSEError(errno.ENXIO)
+        # The guess runs its queries while the HSM may still be deriving this
+        # file's own key (prefetched at the previous open).
+        following = self._guess_next_file(inode) if inode.id not in self._open else None
         info = self._open_handle(inode, flags)
+        if following is not None and following.id not in self._open:
+            self._guessed_next = following.id
+            self.keys.prefetch_file_cipher(following.id, following.key_version, following.key_epoch)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             try:
                 self._truncate(inode, 0, _now())
@@ -663,6 +678,30 @@ class Operations(pyfuse3.Operations):
                 await self.release(info.fh)
                 raise
         return info
+
+    def _guess_next_file(self, opened: Inode) -> Inode | None:
+        """The file to derive a key for ahead, at the first open of `opened`.
+
+        Readers of a whole tree (md5sum, grep -r, tar c, cp -r out of the
+        mount) open files in the order of a depth-first walk in listing
+        order, so the next first open mostly finds its key ready. Where the
+        guesses keep missing (random access), only every 32nd open guesses,
+        to spare the HSM wasted derivations.
+        """
+        if self._guessed_next is not None:
+            self._guess_misses = 0 if opened.id == self._guessed_next else self._guess_misses + 1
+            self._guessed_next = None
+        if self._guess_misses >= 4 and self.data_opens % 32:
+            return None
+        try:
+            return self.md.next_file(opened.id)
+        except (IntegrityError, sqlite3.Error) as e:
+            log.debug("no key prefetch after inode %d: %s", opened.id, e)  # the open itself will say
+            return None
+
+    def drop_stale_prefetch(self) -> None:
+        """For the daemon's timers: wipe a prefetched key that nothing has used for a while."""
+        self.keys.drop_prefetched(older_than=PREFETCH_MAX_AGE)
 
     def _handle(self, fh: int) -> tuple[Handle, Inode, OpenFile]:
         handle = self._handles.get(fh)

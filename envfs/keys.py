@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from hmac import compare_digest
 
@@ -35,12 +36,14 @@ class KeyRing:
         self.hsm = hsm
         self.superblock = superblock
         self.derivations = 0
+        self.prefetch_hits = 0  # file keys that were ready when asked for
         self._metadata_mac: hmac.HMAC | None = None
         # One derivation at a time: a PKCS#11 session runs one operation at once,
         # and the prefetch thread shares this one.
         self._hsm_lock = threading.Lock()
         self._prefetcher: ThreadPoolExecutor | None = None
         self._prefetched: tuple[tuple[int, int, int], Secret, Future[None]] | None = None
+        self._prefetched_at = 0.0
 
     def _derive(self, key_version: int, info: bytes) -> Secret:
         self.derivations += 1
@@ -108,6 +111,7 @@ class KeyRing:
                     dek.wipe()
                     log.warning("prefetched key for inode %d failed (%s); deriving it again", inode_id, e)
                 else:
+                    self.prefetch_hits += 1
                     with dek:
                         return BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
         info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
@@ -132,11 +136,14 @@ class KeyRing:
         self.derivations += 1
         future = self._prefetcher.submit(self._derive_into, label, info, dek)
         self._prefetched = ((inode_id, key_version, key_epoch), dek, future)
+        self._prefetched_at = time.monotonic()
 
-    def drop_prefetched(self) -> None:
+    def drop_prefetched(self, *, older_than: float = 0.0) -> None:
+        """Wipe the prefetched key (if it is older than `older_than` seconds)."""
+        if self._prefetched is None or time.monotonic() - self._prefetched_at < older_than:
+            return
         prefetched, self._prefetched = self._prefetched, None
-        if prefetched is not None:
-            _discard(*prefetched[1:])
+        _discard(*prefetched[1:])
 
     def close(self) -> None:
         self.drop_prefetched()

@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from hmac import compare_digest
+from typing import Any
 
 from cryptography.hazmat.primitives import hmac
 
@@ -95,6 +97,8 @@ def create_schema(db: sqlite3.Connection) -> None:
             UNIQUE (parent, name)
         );
         CREATE INDEX dentries_by_inode ON dentries (inode);
+        -- A directory's entries in listing order (readdir, `next_file`).
+        CREATE INDEX dentries_in_order ON dentries (parent, id);
 
         -- Symlink targets: AES-SIV ciphertext bound to the inode.
         CREATE TABLE symlinks (
@@ -146,6 +150,15 @@ _INODE_PACK = struct.Struct(">QIIIQQqqqqIIQ")
 _DENTRY_PREFIX = struct.Struct(">QQ")
 
 
+# Queries of `Metadata.next_file`: where an inode is listed (its first entry,
+# for a hard link), and the entry listed after a position, with its inode row.
+_ENTRY_OF_INODE = "SELECT parent, id FROM dentries WHERE inode=? ORDER BY id LIMIT 1"
+_ENTRY_AFTER = (
+    f"SELECT d.id, {', '.join('i.' + c for c in _INODE_COLUMNS)}, i.mac FROM dentries d "
+    "JOIN inodes i ON i.id=d.inode WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT 1"
+)
+
+
 @dataclass(slots=True)
 class Dentry:
     id: int
@@ -177,6 +190,15 @@ class Metadata:
             raise CorruptStore(f"{path}: metadata database unreadable: {e}") from e
         if version is None or version[0] != SCHEMA_VERSION:
             raise CorruptStore(f"{path}: unknown metadata schema version {version}")
+        if not create:
+            self._add_missing_indexes()
+
+    def _add_missing_indexes(self) -> None:
+        """Indexes are for speed only: a store made before one existed gets it here."""
+        try:
+            self.db.execute("CREATE INDEX IF NOT EXISTS dentries_in_order ON dentries (parent, id)")
+        except sqlite3.OperationalError as e:  # a full disk, a read-only store: slower, not wrong
+            log.warning("metadata: index dentries_in_order not created: %s", e)
 
     def close(self) -> None:
         self.db.close()
@@ -322,11 +344,12 @@ class Metadata:
 
     def get_inode(self, inode_id: int) -> Inode | None:
         row = self.db.execute(f"SELECT {', '.join(_INODE_COLUMNS)}, mac FROM inodes WHERE id=?", (inode_id,)).fetchone()
-        if row is None:
-            return None
+        return None if row is None else self._inode(row)
+
+    def _inode(self, row: tuple[Any, ...]) -> Inode:
         inode = Inode(*row[:-1])
         if not _equal(self.inode_mac(inode), row[-1]):
-            raise IntegrityError(f"inode {inode_id}: metadata MAC mismatch")
+            raise IntegrityError(f"inode {inode.id}: metadata MAC mismatch")
         return inode
 
     def allocate_inode_id(self) -> int:
@@ -399,6 +422,29 @@ class Metadata:
             (parent, after_id, limit),
         ).fetchall()
         return [self._dentry(row) for row in rows]
+
+    def next_file(self, inode_id: int, max_steps: int = 16) -> Inode | None:
+        """The regular file after `inode_id` in a depth-first walk of the tree
+        in listing order, the order in which find, tar, cp -r and md5sum of
+        `find` visit files; None if there is none within `max_steps` entries.
+
+        Only the file found is authenticated: the walk is a guess at what is
+        opened next, and the open checks what it opens.
+        """
+        position = self.db.execute(_ENTRY_OF_INODE, (inode_id,)).fetchone()
+        for _ in range(max_steps):
+            if position is None:
+                return None
+            parent, after = position
+            row = self.db.execute(_ENTRY_AFTER, (parent, after)).fetchone()
+            if row is None:
+                position = self.db.execute(_ENTRY_OF_INODE, (parent,)).fetchone()  # up a level
+                continue
+            mode = row[2]
+            if stat.S_ISREG(mode):
+                return self._inode(row[1:])
+            position = (row[1], 0) if stat.S_ISDIR(mode) else (parent, row[0])  # down, or on
+        return None
 
     def has_entries(self, parent: int) -> bool:
         return self.db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (parent,)).fetchone() is not None

@@ -255,8 +255,9 @@ async def _group_commits(operations: Operations) -> None:
 
 
 def _housekeeping(store: Store, lock: StoreLock, operations: Operations) -> None:
-    """Publish the counters in the lock record; top up the space reserve."""
+    """Publish the counters in the lock record; wipe an unused prefetched key; top up the space reserve."""
     lock.update(operations.counters())
+    operations.drop_stale_prefetch()
     try:
         store.keep_reserve()
     except OSError as e:

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -43,9 +44,12 @@ def test_one_derivation_per_open_file(store: Envfs) -> None:
     for i in range(20):
         assert len((store.mnt / f"f{i}").read_bytes()) == 5000
     after = _settle(store)
+    # In listing order each open finds its key derived ahead, at the previous
+    # open: still one derivation per file, none wasted.
     assert after["hsm_derivations"] - before["hsm_derivations"] == 20
-    # Several handles on one file share one key: one derivation.
-    fds = [os.open(store.mnt / "f0", os.O_RDONLY | os.O_DIRECT) for _ in range(5)]
+    # Several handles on one file share one key: one derivation (f19, the last
+    # file listed, has no next file whose key an open would prefetch).
+    fds = [os.open(store.mnt / "f19", os.O_RDONLY | os.O_DIRECT) for _ in range(5)]
     for fd in fds:
         os.pread(fd, 4096, 0)
     held = _settle(store)
@@ -53,6 +57,29 @@ def test_one_derivation_per_open_file(store: Envfs) -> None:
         os.close(fd)
     assert held["hsm_derivations"] - after["hsm_derivations"] == 1
     assert held["open_files"] == 1
+
+
+def test_reading_a_tree_in_find_order_finds_keys_derived_ahead(store: Envfs) -> None:
+    store.mount()
+    for d in ("a/b/empty", "a/d", "e", "f"):
+        (store.mnt / d).mkdir(parents=True)
+    for name in ("a/1", "a/2", "a/b/3", "a/d/4", "5", "f/6", "f/7"):
+        (store.mnt / name).write_bytes(name.encode() * 1000)
+    (store.mnt / "a/c").symlink_to("1")
+    os.mkfifo(store.mnt / "a/fifo")
+    store.remount()
+    before = _settle(store)
+    found = subprocess.run(["find", ".", "-type", "f"], cwd=store.mnt, capture_output=True, text=True, check=True)
+    files = found.stdout.split()
+    assert len(files) == 7
+    for name in files:
+        assert (store.mnt / name).read_bytes() == name[2:].encode() * 1000
+    after = _settle(store)
+    # Each open guessed the next file of the walk (over subdirectories, empty
+    # ones, a symlink and a FIFO, and back up): every key but the first was
+    # derived ahead, and none was derived twice or in vain.
+    assert after["prefetched_keys_used"] - before["prefetched_keys_used"] == len(files) - 1
+    assert after["hsm_derivations"] - before["hsm_derivations"] == len(files)
 
 
 def _children(pid: int) -> list[int]:
