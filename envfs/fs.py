@@ -31,7 +31,7 @@ from .errors import EnvfsError, IntegrityError
 from .keys import KeyRing
 from .metadata import ROOT_INODE, Inode, Metadata
 from .names import NAME_MAX, NameCipher
-from .secret import zero_buffer, zero_bytes
+from .secret import BufferPool, zero_bytes
 from .store import RESERVE_BYTES, Store
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 # A key derived ahead (of a create, of an open in listing order) is wiped when
 # unused for this long: an idle mount holds no key of a file nobody opened.
 PREFETCH_MAX_AGE = 5.0
+# The largest read the kernel sends (FUSE's limit of 256 pages).
+READ_BUFFER_SIZE = 1 << 20
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -124,7 +126,7 @@ class Operations(pyfuse3.Operations):
         names: NameCipher,
         *,
         rekey_after: int,
-        after_reply: Callable[[bytearray], None] | None = None,
+        wake_after_reply: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.store = store
@@ -132,8 +134,12 @@ class Operations(pyfuse3.Operations):
         self.keys = keys
         self.names = names
         self.rekey_after = rekey_after
-        # Read buffers are zeroed once pyfuse3 has sent them; see `read`.
-        self._after_reply = after_reply or (lambda buf: None)
+        # Work left for after a reply has been sent (zeroing and reusing a
+        # read buffer); see `replies_sent`. `wake_after_reply` tells the daemon
+        # that some is waiting, for when no next request comes to do it.
+        self._after_reply: list[Callable[[], None]] = []
+        self._wake_after_reply = wake_after_reply or (lambda: None)
+        self._read_buffers = BufferPool(READ_BUFFER_SIZE, keep=2)
         self._inodes: dict[int, Inode] = {}
         # Inodes known to have no xattrs: the kernel asks for security.capability
         # before every write, and this answers without a database query.
@@ -712,17 +718,30 @@ class Operations(pyfuse3.Operations):
     @handler
     async def read(self, fh: int, off: int, size: int) -> memoryview:
         _, inode, open_file = self._handle(fh)
-        buf = bytearray(min(size, max(0, inode.size - off)))
+        if self._after_reply:
+            self.replies_sent()  # the previous read's buffer is free to reuse
+        buf = self._read_buffers.take(min(size, max(0, inode.size - off)))
         try:
-            n = open_file.data.read_into(off, memoryview(buf), inode.size)
+            n = open_file.data.read_into(off, buf, inode.size)
         except BaseException:
-            zero_buffer(buf)
+            self._read_buffers.give_back(buf)
             raise
         self._relatime(inode)
-        # pyfuse3 sends the reply before this task yields again; the zeroer
-        # task runs only after that.
-        self._after_reply(buf)
-        return memoryview(buf)[:n]
+        if not self._after_reply:
+            self._wake_after_reply()
+        self._after_reply.append(functools.partial(self._read_buffers.give_back, buf))
+        return buf[:n]
+
+    def replies_sent(self) -> None:
+        """Do what handlers left for after their replies: zero read buffers, keep them for reuse.
+
+        Handlers never yield, and pyfuse3 sends a handler's reply before its
+        task yields; so when another request's handler or another trio task
+        runs, every earlier reply has been sent.
+        """
+        pending, self._after_reply = self._after_reply, []
+        for done in pending:
+            done()
 
     def _relatime(self, inode: Inode) -> None:
         """Update atime as ext4's relatime does."""

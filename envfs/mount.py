@@ -9,10 +9,11 @@ a pipe. PKCS#11 modules are only ever loaded in the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import json
 import logging
-import math
 import os
 import signal
 import stat
@@ -33,7 +34,7 @@ from .fs import Operations, delete_inode
 from .hsm import Hsm
 from .keys import KeyRing
 from .metadata import GROUP_SECONDS, Metadata
-from .secret import harden_process, zero_buffer
+from .secret import harden_process
 from .store import Store, StoreLock, Superblock
 
 log = logging.getLogger(__name__)
@@ -195,12 +196,13 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
             metadata.sync()
             metadata.group_commits()
             names = keys.name_cipher()
-            zero_queue_send, zero_queue_receive = trio.open_memory_channel[bytearray](math.inf)
+            # One pending wake-up is enough: the task does all that is waiting.
+            after_reply_send, after_reply_receive = trio.open_memory_channel[None](1)
             operations = Operations(
                 store, metadata, keys, names,
                 rekey_after=min(options.rekey_after or superblock.rekey_after_block_writes,
                                 superblock.rekey_after_block_writes),
-                after_reply=zero_queue_send.send_nowait,
+                wake_after_reply=functools.partial(_wake, after_reply_send),
             )  # fmt: skip
             fuse_options = set(pyfuse3.default_options)
             fuse_options |= {f"fsname=envfs:{_escape_option(str(store.path))}", "subtype=envfs"}
@@ -226,18 +228,18 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         stack.callback(finish)
         log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
         ready(None)
-        trio.run(_main, zero_queue_receive, lambda: _housekeeping(store, lock, operations), operations, mountpoint)
+        trio.run(_main, after_reply_receive, lambda: _housekeeping(store, lock, operations), operations, mountpoint)
         clean = True
         log.info("unmounted %s", mountpoint)
 
 
 async def _main(
-    zero_queue: trio.MemoryReceiveChannel[bytearray], housekeeping: Callable[[], None], operations: Operations,
+    after_reply: trio.MemoryReceiveChannel[None], housekeeping: Callable[[], None], operations: Operations,
     mountpoint: str,
 ) -> None:  # fmt: skip
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_widen_readahead, mountpoint)
-        nursery.start_soon(_zero_read_buffers, zero_queue)
+        nursery.start_soon(_run_after_replies, after_reply, operations)
         nursery.start_soon(_terminate_on_signals)
         nursery.start_soon(_every_second, housekeeping)
         nursery.start_soon(_group_commits, operations)
@@ -273,9 +275,15 @@ async def _every_second(housekeeping: Callable[[], None]) -> None:
                 await signals.__anext__()
 
 
-async def _zero_read_buffers(queue: trio.MemoryReceiveChannel[bytearray]) -> None:
-    async for buf in queue:
-        zero_buffer(buf)
+def _wake(channel: trio.MemorySendChannel[None]) -> None:
+    with contextlib.suppress(trio.WouldBlock):
+        channel.send_nowait(None)
+
+
+async def _run_after_replies(wakeups: trio.MemoryReceiveChannel[None], operations: Operations) -> None:
+    """Zero the last read buffers when no further request has done it (an idle mount)."""
+    async for _ in wakeups:
+        operations.replies_sent()
 
 
 async def _terminate_on_signals() -> None:

@@ -444,3 +444,30 @@ def test_after_unmount_no_key_material(
     report.flush()
     if any(left.values()):
         raise KeyMaterialLeft(str(left))
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_long_read_reuses_its_buffers(store: Envfs) -> None:
+    """Reading 128 MiB in 1 MiB requests: each reply's buffer is zeroed and reused
+    before the next, not left until the reader pauses (the daemon's peak RSS stays put)."""
+    store.mount()
+    pid = store.daemon_pid()
+    path = store.mnt / "big"
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(128):
+            f.write(chunk)
+    memscan.drop_caches(store.mnt)
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _peak_rss_kib(pid)
+    with open(path, "rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+    grown = _peak_rss_kib(pid) - before
+    assert grown < 24 * 1024, f"the daemon's peak RSS grew by {grown} KiB reading 128 MiB"

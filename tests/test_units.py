@@ -17,7 +17,7 @@ from envfs.datafile import DataFile
 from envfs.errors import IntegrityError
 from envfs.metadata import Metadata
 from envfs.names import NameCipher
-from envfs.secret import Secret, zero_buffer, zero_bytes
+from envfs.secret import BufferPool, Secret, zero_buffer, zero_bytes
 
 STORE_UUID = uuid.UUID(int=0x1234)
 
@@ -59,6 +59,30 @@ def test_zero_bytes_spares_singletons_and_hashed() -> None:
     buf = bytearray(b"abc")
     zero_buffer(buf)
     assert buf == bytearray(3)
+
+
+def test_buffer_pool_zeroes_and_reuses() -> None:
+    pool = BufferPool(64, keep=1)
+    first = pool.take(10)
+    first[:] = b"p" * 10
+    underlying = first.obj
+    pool.give_back(first)
+    assert underlying == bytearray(64)
+    again = pool.take(20)
+    assert again.obj is underlying and bytes(again) == bytes(20)
+    other = pool.take(5)
+    other[:] = b"r" * 5
+    second = other.obj
+    assert second is not underlying
+    pool.give_back(again)
+    pool.give_back(other)  # one more than `keep`: zeroed and dropped
+    assert second == bytearray(64)
+    large = pool.take(100)
+    large[:] = b"q" * 100
+    owner = large.obj
+    pool.give_back(large)
+    assert owner == bytearray(100)
+    assert pool.take(64).obj is underlying
 
 
 def test_info_layouts_are_distinct() -> None:
