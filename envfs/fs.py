@@ -51,6 +51,8 @@ _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 # A key derived ahead (of a create, of an open in listing order) is wiped when
 # unused for this long: an idle mount holds no key of a file nobody opened.
 PREFETCH_MAX_AGE = 5.0
+# Up to this many inodes with xattrs, the daemon keeps their ids in memory.
+XATTR_INODES_IN_MEMORY = 65536
 # The largest read the kernel sends (FUSE's limit of 256 pages).
 READ_BUFFER_SIZE = 1 << 20
 
@@ -141,8 +143,12 @@ class Operations(pyfuse3.Operations):
         self._wake_after_reply = wake_after_reply or (lambda: None)
         self._read_buffers = BufferPool(READ_BUFFER_SIZE, keep=2)
         self._inodes: dict[int, Inode] = {}
-        # Inodes known to have no xattrs: the kernel asks for security.capability
-        # before every write, and this answers without a database query.
+        # The kernel asks for security.capability before every write, ls -l for
+        # security.selinux: both sets answer most of these without a query.
+        # Every inode that has xattrs (a superset, never shrunk), if there are
+        # few enough of them to keep in memory; else None.
+        self._xattr_inodes = metadata.inodes_with_xattrs(XATTR_INODES_IN_MEMORY)
+        # Inodes known to have none, learned one by one.
         self._without_xattrs: set[int] = set()
         self._lookups: dict[int, int] = {}
         self._open: dict[int, OpenFile] = {}
@@ -315,8 +321,15 @@ class Operations(pyfuse3.Operations):
         return self.names.encrypt_name(parent, name)
 
     def _child(self, parent: int, name: bytes) -> Inode | None:
-        entry = self.md.lookup(parent, self._encrypt_name(parent, name))
-        return None if entry is None else self._inode(entry.inode)
+        found = self.md.lookup_with_inode(parent, self._encrypt_name(parent, name), self._inodes)
+        return None if found is None else self._keep(found[1])
+
+    def _keep(self, inode: Inode | None) -> Inode:
+        """An inode fetched with its directory entry, kept as the one object for its id."""
+        if inode is None:
+            raise FUSEError(errno.ENOENT)
+        self._inodes.setdefault(inode.id, inode)
+        return inode
 
     def _touch_dir(self, directory: Inode, now: int) -> None:
         directory.mtime_ns = directory.ctime_ns = now
@@ -891,11 +904,11 @@ class Operations(pyfuse3.Operations):
                 return
         after = max(0, start_id - 2)
         while True:
-            entries = self.md.entries(directory.id, after, 256)
+            entries = self.md.entries_with_inodes(directory.id, after, 256, self._inodes)
             if not entries:
                 return
-            for entry in entries:
-                inode = self._inode(entry.inode)
+            for entry, found in entries:
+                inode = self._keep(found)
                 name = self.names.decrypt_name(directory.id, entry.name)
                 if not pyfuse3.readdir_reply(token, name, self._attrs(inode), entry.id + 2):
                     self._release_cache(inode.id)
@@ -958,6 +971,8 @@ class Operations(pyfuse3.Operations):
         inode = self._xattr_inode(inode_id, name)
         name_ct = self.names.encrypt_xattr_name(inode.id, name)
         self._without_xattrs.discard(inode.id)
+        if self._xattr_inodes is not None:
+            self._xattr_inodes.add(inode.id)
         with self.md.transaction():
             self.md.set_xattr(inode.id, name_ct, self.names.encrypt_xattr_value(inode.id, name_ct, value))
             inode.ctime_ns = _now()
@@ -968,7 +983,7 @@ class Operations(pyfuse3.Operations):
         inode = self._inode(inode_id)
         if not name.startswith(_XATTR_NAMESPACES):
             raise FUSEError(pyfuse3.ENOATTR)
-        if inode.id in self._without_xattrs:
+        if inode.id in self._without_xattrs or (self._xattr_inodes is not None and inode.id not in self._xattr_inodes):
             raise FUSEError(pyfuse3.ENOATTR)
         name_ct = self.names.encrypt_xattr_name(inode.id, name)
         value = self.md.get_xattr(inode.id, name_ct)

@@ -21,7 +21,7 @@ import sqlite3
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from hmac import compare_digest
@@ -156,6 +156,12 @@ _ENTRY_OF_INODE = "SELECT parent, id FROM dentries WHERE inode=? ORDER BY id LIM
 _ENTRY_AFTER = (
     f"SELECT d.id, {', '.join('i.' + c for c in _INODE_COLUMNS)}, i.mac FROM dentries d "
     "JOIN inodes i ON i.id=d.inode WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT 1"
+)
+_SAVE_INODE = f"UPDATE inodes SET {', '.join(f'{c}=?' for c in _INODE_COLUMNS[1:])}, mac=? WHERE id=?"
+# A directory entry with its inode row (None columns if the row is missing).
+_ENTRY_AND_INODE = (
+    f"SELECT d.id, d.parent, d.name, d.inode, d.mac, {', '.join('i.' + c for c in _INODE_COLUMNS)}, i.mac "
+    "FROM dentries d LEFT JOIN inodes i ON i.id=d.inode "
 )
 
 
@@ -380,11 +386,7 @@ class Metadata:
         return inode
 
     def save_inode(self, inode: Inode) -> None:
-        assignments = ", ".join(f"{c}=?" for c in _INODE_COLUMNS[1:])
-        self._change(
-            f"UPDATE inodes SET {assignments}, mac=? WHERE id=?",
-            (*(getattr(inode, c) for c in _INODE_COLUMNS[1:]), self.inode_mac(inode), inode.id),
-        )
+        self._change(_SAVE_INODE, (*(getattr(inode, c) for c in _INODE_COLUMNS[1:]), self.inode_mac(inode), inode.id))
 
     def delete_inode(self, inode_id: int) -> None:
         with self.transaction():
@@ -415,6 +417,29 @@ class Metadata:
             "SELECT id, parent, name, inode, mac FROM dentries WHERE parent=? AND name=?", (parent, name)
         ).fetchone()
         return None if row is None else self._dentry(row)
+
+    def lookup_with_inode(
+        self, parent: int, name: bytes, known: Mapping[int, Inode]
+    ) -> tuple[Dentry, Inode | None] | None:
+        """`lookup` and the entry's inode in one query; an inode in `known` is taken from there."""
+        row = self.db.execute(_ENTRY_AND_INODE + "WHERE d.parent=? AND d.name=?", (parent, name)).fetchone()
+        return None if row is None else self._entry_and_inode(row, known)
+
+    def entries_with_inodes(
+        self, parent: int, after_id: int, limit: int, known: Mapping[int, Inode]
+    ) -> list[tuple[Dentry, Inode | None]]:
+        """`entries` and their inodes in one query; inodes in `known` are taken from there."""
+        rows = self.db.execute(
+            _ENTRY_AND_INODE + "WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?", (parent, after_id, limit)
+        ).fetchall()
+        return [self._entry_and_inode(row, known) for row in rows]
+
+    def _entry_and_inode(self, row: tuple[Any, ...], known: Mapping[int, Inode]) -> tuple[Dentry, Inode | None]:
+        entry = self._dentry(row[:5])
+        inode = known.get(entry.inode)
+        if inode is None and row[5] is not None:
+            inode = self._inode(row[5:])
+        return entry, inode
 
     def entries(self, parent: int, after_id: int = 0, limit: int = -1) -> list[Dentry]:
         rows = self.db.execute(
@@ -490,6 +515,11 @@ class Metadata:
 
     def remove_xattr(self, inode: int, name: bytes) -> bool:
         return self._change("DELETE FROM xattrs WHERE inode=? AND name=?", (inode, name)).rowcount > 0
+
+    def inodes_with_xattrs(self, limit: int) -> set[int] | None:
+        """The ids of the inodes that have xattrs; None if there are more than `limit`."""
+        rows = self.db.execute("SELECT DISTINCT inode FROM xattrs LIMIT ?", (limit + 1,)).fetchall()
+        return None if len(rows) > limit else {row[0] for row in rows}
 
     def has_xattrs(self, inode: int) -> bool:
         return self.db.execute("SELECT 1 FROM xattrs WHERE inode=? LIMIT 1", (inode,)).fetchone() is not None

@@ -300,6 +300,27 @@ def test_xattrs(mounted: Path) -> None:
         os.setxattr(mounted / "l", "user.x", b"1", follow_symlinks=False)
 
 
+def test_xattrs_after_remount(store: Envfs) -> None:
+    """After a mount the daemon knows which inodes have xattrs without asking the
+    database per request; files with and without them, and new ones, still answer right."""
+    store.mount()
+    with_xattr, without = store.mnt / "with", store.mnt / "without"
+    with_xattr.write_text("a")
+    without.write_text("b")
+    os.setxattr(with_xattr, "user.k", b"v")
+    store.remount()
+    assert os.getxattr(with_xattr, "user.k") == b"v"
+    with pytest.raises(OSError) as e:
+        os.getxattr(without, "user.k")
+    assert e.value.errno == errno.ENODATA
+    os.setxattr(without, "user.k", b"w")
+    assert os.getxattr(without, "user.k") == b"w"
+    os.removexattr(with_xattr, "user.k")
+    with pytest.raises(OSError) as e:
+        os.getxattr(with_xattr, "user.k")
+    assert e.value.errno == errno.ENODATA
+
+
 def test_xattr_small_buffer_erange(mounted: Path) -> None:
     import ctypes
 
