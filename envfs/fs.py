@@ -53,6 +53,8 @@ _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 PREFETCH_MAX_AGE = 5.0
 # Up to this many inodes with xattrs, the daemon keeps their ids in memory.
 XATTR_INODES_IN_MEMORY = 65536
+# Directory entries fetched per query by readdir.
+_READDIR_BATCH = 256
 # The largest read the kernel sends (FUSE's limit of 256 pages).
 READ_BUFFER_SIZE = 1 << 20
 
@@ -150,6 +152,10 @@ class Operations(pyfuse3.Operations):
         self._xattr_inodes = metadata.inodes_with_xattrs(XATTR_INODES_IN_MEMORY)
         # Inodes known to have none, learned one by one.
         self._without_xattrs: set[int] = set()
+        # Where the last complete listing of a directory ended (a readdir
+        # offset), until its entries change: the kernel's call for more after
+        # the last entry is answered without a query.
+        self._listing_ends: dict[int, int] = {}
         self._lookups: dict[int, int] = {}
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
@@ -211,6 +217,7 @@ class Operations(pyfuse3.Operations):
     def _drop_caches(self) -> None:
         self._inodes.clear()
         self._without_xattrs.clear()
+        self._listing_ends.clear()
 
     def commit_if_due(self, *, now: bool = False) -> None:
         """For the daemon's timers: commit a group that has waited long enough (or any, `now`)."""
@@ -251,6 +258,7 @@ class Operations(pyfuse3.Operations):
         if inode_id not in self._lookups and inode_id not in self._open and inode_id != ROOT_INODE:
             self._inodes.pop(inode_id, None)
             self._without_xattrs.discard(inode_id)
+            self._listing_ends.pop(inode_id, None)
 
     def _maybe_delete(self, inode_id: int) -> None:
         """Delete an unlinked inode once neither the kernel nor a handle holds it."""
@@ -332,8 +340,10 @@ class Operations(pyfuse3.Operations):
         return inode
 
     def _touch_dir(self, directory: Inode, now: int) -> None:
+        """Every change of a directory's entries comes through here."""
         directory.mtime_ns = directory.ctime_ns = now
         self._save(directory)
+        self._listing_ends.pop(directory.id, None)
 
     # -- lookups ---------------------------------------------------------------
 
@@ -902,11 +912,11 @@ class Operations(pyfuse3.Operations):
             parent_id = self.md.parent_of(directory.id) if directory.id != ROOT_INODE else ROOT_INODE
             if not pyfuse3.readdir_reply(token, b"..", self._attrs(self._inode(parent_id or ROOT_INODE)), 2):
                 return
+        if self._listing_ends.get(directory.id) == start_id:
+            return  # the kernel asks once more after the last entry
         after = max(0, start_id - 2)
         while True:
-            entries = self.md.entries_with_inodes(directory.id, after, 256, self._inodes)
-            if not entries:
-                return
+            entries = self.md.entries_with_inodes(directory.id, after, _READDIR_BATCH, self._inodes)
             for entry, found in entries:
                 inode = self._keep(found)
                 name = self.names.decrypt_name(directory.id, entry.name)
@@ -915,6 +925,9 @@ class Operations(pyfuse3.Operations):
                     return
                 self._lookups[inode.id] = self._lookups.get(inode.id, 0) + 1
                 after = entry.id
+            if len(entries) < _READDIR_BATCH:
+                self._listing_ends[directory.id] = after + 2
+                return
 
     @handler
     async def releasedir(self, fh: int) -> None:

@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,56 @@ def test_directories_thousands_of_entries(mounted: Path) -> None:
     for name in list(names)[:1000]:
         (d / name).unlink()
     assert len(os.listdir(d)) == 2000
+
+
+def test_listing_follows_every_change_of_a_directory(mounted: Path) -> None:
+    """A directory listed to its end and then changed, in every way entries
+    change, lists the change; across a full batch of 256 entries too."""
+    d, other = mounted / "d", mounted / "other"
+    d.mkdir()
+    other.mkdir()
+    expected = {f"f{i}" for i in range(256)}
+    for name in expected:
+        (d / name).write_bytes(b"")
+
+    def check() -> None:
+        assert set(os.listdir(d)) == expected
+        assert set(os.listdir(d)) == expected  # a second full listing, from the daemon's memo of its end
+
+    check()
+    changes: list[tuple[Callable[[], object], set[str], set[str]]] = [
+        (lambda: (d / "new").write_bytes(b""), {"new"}, set()),
+        (lambda: os.mkdir(d / "sub"), {"sub"}, set()),
+        (lambda: os.symlink("f1", d / "link"), {"link"}, set()),
+        (lambda: os.mkfifo(d / "fifo"), {"fifo"}, set()),
+        (lambda: os.link(d / "f2", d / "hard"), {"hard"}, set()),
+        (lambda: os.unlink(d / "f3"), set(), {"f3"}),
+        (lambda: os.rmdir(d / "sub"), set(), {"sub"}),
+        (lambda: os.rename(d / "f4", d / "f4-renamed"), {"f4-renamed"}, {"f4"}),
+        (lambda: os.rename(d / "f5", other / "f5"), set(), {"f5"}),
+        (lambda: os.rename(other / "f5", d / "back"), {"back"}, set()),
+    ]
+    for change, added, removed in changes:
+        change()
+        expected |= added
+        expected -= removed
+        check()
+
+
+def test_listing_after_growth_at_every_size(mounted: Path) -> None:
+    """Directories of 1 to 100 entries with 255-byte names, listed, grown by
+    one, listed again: at some size a reply buffer ends exactly where the first
+    listing ended, and the entry added after it must still be listed."""
+    for n in range(1, 101):
+        d = mounted / f"d{n:03d}"
+        d.mkdir()
+        names = {f"{i:03d}".ljust(255, "x") for i in range(n)}
+        for name in names:
+            (d / name).write_bytes(b"")
+        assert set(os.listdir(d)) == names
+        added = "new".ljust(255, "x")
+        (d / added).write_bytes(b"")
+        assert set(os.listdir(d)) == names | {added}, n
 
 
 def test_readdir_dot_entries_and_nlink(mounted: Path) -> None:
