@@ -119,14 +119,15 @@ class BlockCipher:
             raise ValueError("block cipher closed")
         decrypt, prefix = aead.decrypt_into, self._aad_prefix
         for k in range(len(slots) // SLOT_SIZE):
-            slot = slots[k * SLOT_SIZE : (k + 1) * SLOT_SIZE]
+            at = k * SLOT_SIZE
             block = plaintext[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]
-            if is_hole(slot):
+            if not slots[at] and is_hole(slots[at : at + SLOT_SIZE]):  # a non-zero first byte settles most
                 block[:] = _ZERO_BLOCK
                 continue
             index = first_index + k
             try:
-                decrypt(bytes(slot[:NONCE_SIZE]), slot[NONCE_SIZE:], prefix + index.to_bytes(8, "big"), block)
+                nonce, sealed = slots[at : at + NONCE_SIZE], slots[at + NONCE_SIZE : at + SLOT_SIZE]
+                decrypt(nonce, sealed, prefix + index.to_bytes(8, "big"), block)
             except InvalidTag as e:
                 raise IntegrityError(f"inode {self.inode_id} block {index}: authentication failed") from e
 

@@ -59,6 +59,10 @@ def test_zero_bytes_spares_singletons_and_hashed() -> None:
     buf = bytearray(b"abc")
     zero_buffer(buf)
     assert buf == bytearray(3)
+    for size in (4096, 1 << 16, (1 << 16) + 1, 1 << 20):  # both ways of zeroing, and their border
+        big = bytearray(b"p" * (size + 20))
+        zero_buffer(memoryview(big)[10 : 10 + size])
+        assert big[:10] == b"p" * 10 and big[10 : 10 + size] == bytes(size) and big[10 + size :] == b"p" * 10
 
 
 def test_buffer_pool_zeroes_and_reuses() -> None:
