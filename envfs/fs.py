@@ -1024,6 +1024,7 @@ class Operations(pyfuse3.Operations):
 
     def destroy(self) -> None:
         """After the session ends: close files, forget what the kernel held, sync."""
+        self.replies_sent()
         self.keys.drop_prefetched()
         for open_file in self._open.values():
             open_file.data.close()

@@ -428,7 +428,8 @@ class Metadata:
     def entries_with_inodes(
         self, parent: int, after_id: int, limit: int, known: Mapping[int, Inode]
     ) -> list[tuple[Dentry, Inode | None]]:
-        """`entries` and their inodes in one query; inodes in `known` are taken from there."""
+        """A directory's entries after `after_id` in listing order, with their inodes,
+        in one query; inodes in `known` are taken from there."""
         rows = self.db.execute(
             _ENTRY_AND_INODE + "WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?", (parent, after_id, limit)
         ).fetchall()
@@ -440,13 +441,6 @@ class Metadata:
         if inode is None and row[5] is not None:
             inode = self._inode(row[5:])
         return entry, inode
-
-    def entries(self, parent: int, after_id: int = 0, limit: int = -1) -> list[Dentry]:
-        rows = self.db.execute(
-            "SELECT id, parent, name, inode, mac FROM dentries WHERE parent=? AND id>? ORDER BY id LIMIT ?",
-            (parent, after_id, limit),
-        ).fetchall()
-        return [self._dentry(row) for row in rows]
 
     def next_file(self, inode_id: int, max_steps: int = 16) -> Inode | None:
         """The regular file after `inode_id` in a depth-first walk of the tree
