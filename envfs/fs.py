@@ -996,7 +996,7 @@ class Operations(pyfuse3.Operations):
         inode = self._inode(inode_id)
         if not name.startswith(_XATTR_NAMESPACES):
             raise FUSEError(pyfuse3.ENOATTR)
-        if inode.id in self._without_xattrs or (self._xattr_inodes is not None and inode.id not in self._xattr_inodes):
+        if self._surely_without_xattrs(inode.id):
             raise FUSEError(pyfuse3.ENOATTR)
         name_ct = self.names.encrypt_xattr_name(inode.id, name)
         value = self.md.get_xattr(inode.id, name_ct)
@@ -1005,6 +1005,12 @@ class Operations(pyfuse3.Operations):
                 self._without_xattrs.add(inode.id)
             raise FUSEError(pyfuse3.ENOATTR)
         return self.names.decrypt_xattr_value(inode.id, name_ct, value)
+
+    def _surely_without_xattrs(self, inode_id: int) -> bool:
+        """Whether the daemon knows, without a query, that the inode has no xattrs."""
+        if inode_id in self._without_xattrs:
+            return True
+        return self._xattr_inodes is not None and inode_id not in self._xattr_inodes
 
     @handler
     async def listxattr(self, inode_id: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
