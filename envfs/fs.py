@@ -138,10 +138,10 @@ class Operations(pyfuse3.Operations):
         self.keys = keys
         self.names = names
         self.rekey_after = rekey_after
-        # Work left for after a reply has been sent (zeroing and reusing a
-        # read buffer); see `replies_sent`. `wake_after_reply` tells the daemon
-        # that some is waiting, for when no next request comes to do it.
-        self._after_reply: list[Callable[[], None]] = []
+        # Read buffers whose replies go out after their handler returns; they
+        # are zeroed and reused in `replies_sent`. `wake_after_reply` tells the
+        # daemon that some wait, for when no next request comes to do it.
+        self._replied_buffers: list[memoryview] = []
         self._wake_after_reply = wake_after_reply or (lambda: None)
         self._read_buffers = BufferPool(READ_BUFFER_SIZE, keep=2)
         self._inodes: dict[int, Inode] = {}
@@ -741,7 +741,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def read(self, fh: int, off: int, size: int) -> memoryview:
         _, inode, open_file = self._handle(fh)
-        if self._after_reply:
+        if self._replied_buffers:
             self.replies_sent()  # the previous read's buffer is free to reuse
         buf = self._read_buffers.take(min(size, max(0, inode.size - off)))
         try:
@@ -750,21 +750,21 @@ class Operations(pyfuse3.Operations):
             self._read_buffers.give_back(buf)
             raise
         self._relatime(inode)
-        if not self._after_reply:
+        if not self._replied_buffers:
             self._wake_after_reply()
-        self._after_reply.append(functools.partial(self._read_buffers.give_back, buf))
+        self._replied_buffers.append(buf)
         return buf[:n]
 
     def replies_sent(self) -> None:
-        """Do what handlers left for after their replies: zero read buffers, keep them for reuse.
+        """Zero the buffers of read replies sent, and keep them for reuse.
 
         Handlers never yield, and pyfuse3 sends a handler's reply before its
         task yields; so when another request's handler or another trio task
         runs, every earlier reply has been sent.
         """
-        pending, self._after_reply = self._after_reply, []
-        for done in pending:
-            done()
+        sent, self._replied_buffers = self._replied_buffers, []
+        for buf in sent:
+            self._read_buffers.give_back(buf)
 
     def _relatime(self, inode: Inode) -> None:
         """Update atime as ext4's relatime does."""

@@ -153,14 +153,17 @@ _DENTRY_PREFIX = struct.Struct(">QQ")
 # Queries of `Metadata.next_file`: where an inode is listed (its first entry,
 # for a hard link), and the entry listed after a position, with its inode row.
 _ENTRY_OF_INODE = "SELECT parent, id FROM dentries WHERE inode=? ORDER BY id LIMIT 1"
+# An inode row's columns in a query that joins `inodes i`.
+_INODE_FIELDS = ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + ", i.mac"
 _ENTRY_AFTER = (
-    f"SELECT d.id, {', '.join('i.' + c for c in _INODE_COLUMNS)}, i.mac FROM dentries d "
+    f"SELECT d.id, {_INODE_FIELDS} FROM dentries d "
     "JOIN inodes i ON i.id=d.inode WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT 1"
 )
+_GET_INODE = f"SELECT {_INODE_FIELDS} FROM inodes i WHERE i.id=?"
 _SAVE_INODE = f"UPDATE inodes SET {', '.join(f'{c}=?' for c in _INODE_COLUMNS[1:])}, mac=? WHERE id=?"
 # A directory entry with its inode row (None columns if the row is missing).
 _ENTRY_AND_INODE = (
-    f"SELECT d.id, d.parent, d.name, d.inode, d.mac, {', '.join('i.' + c for c in _INODE_COLUMNS)}, i.mac "
+    f"SELECT d.id, d.parent, d.name, d.inode, d.mac, {_INODE_FIELDS} "
     "FROM dentries d LEFT JOIN inodes i ON i.id=d.inode "
 )
 
@@ -349,7 +352,7 @@ class Metadata:
     # -- inodes ------------------------------------------------------------
 
     def get_inode(self, inode_id: int) -> Inode | None:
-        row = self.db.execute(f"SELECT {', '.join(_INODE_COLUMNS)}, mac FROM inodes WHERE id=?", (inode_id,)).fetchone()
+        row = self.db.execute(_GET_INODE, (inode_id,)).fetchone()
         return None if row is None else self._inode(row)
 
     def _inode(self, row: tuple[Any, ...]) -> Inode:

@@ -36,12 +36,13 @@ _PR_SET_DUMPABLE = 4
 _PR_SET_PDEATHSIG = 1
 _MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
 
-# Layout of a CPython bytes object: header, ob_shash (-1 until hashed), ob_sval.
 # memset called with the GIL held. ctypes.memset lets the GIL go, and taking
 # it back can wait for the key-prefetch thread: a stall of the request.
 _memset = ctypes.PyDLL(None).memset
 _memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 _memset.restype = ctypes.c_void_p
+
+# Layout of a CPython bytes object: header, ob_shash (-1 until hashed), ob_sval.
 _BYTES_DATA_OFFSET = bytes.__basicsize__ - 1
 _BYTES_HASH_OFFSET = _BYTES_DATA_OFFSET - ctypes.sizeof(ctypes.c_ssize_t)
 
