@@ -156,6 +156,10 @@ class Operations(pyfuse3.Operations):
         # offset), until its entries change: the kernel's call for more after
         # the last entry is answered without a query.
         self._listing_ends: dict[int, int] = {}
+        # The parent of each cached directory, as its listing or lookup found
+        # it: a walk then answers '..' without a query. Renames and removals
+        # drop the directory's entry.
+        self._dir_parents: dict[int, int] = {}
         self._lookups: dict[int, int] = {}
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
@@ -218,6 +222,7 @@ class Operations(pyfuse3.Operations):
         self._inodes.clear()
         self._without_xattrs.clear()
         self._listing_ends.clear()
+        self._dir_parents.clear()
 
     def commit_if_due(self, *, now: bool = False) -> None:
         """For the daemon's timers: commit a group that has waited long enough (or any, `now`)."""
@@ -259,6 +264,7 @@ class Operations(pyfuse3.Operations):
             self._inodes.pop(inode_id, None)
             self._without_xattrs.discard(inode_id)
             self._listing_ends.pop(inode_id, None)
+            self._dir_parents.pop(inode_id, None)
 
     def _maybe_delete(self, inode_id: int) -> None:
         """Delete an unlinked inode once neither the kernel nor a handle holds it."""
@@ -330,14 +336,27 @@ class Operations(pyfuse3.Operations):
 
     def _child(self, parent: int, name: bytes) -> Inode | None:
         found = self.md.lookup_with_inode(parent, self._encrypt_name(parent, name), self._inodes)
-        return None if found is None else self._keep(found[1])
+        return None if found is None else self._keep(found[1], parent)
 
-    def _keep(self, inode: Inode | None) -> Inode:
-        """An inode fetched with its directory entry, kept as the one object for its id."""
+    def _keep(self, inode: Inode | None, parent: int) -> Inode:
+        """An inode fetched with its entry in `parent`, kept as the one object for its id."""
         if inode is None:
             raise FUSEError(errno.ENOENT)
-        self._inodes.setdefault(inode.id, inode)
+        inode = self._inodes.setdefault(inode.id, inode)
+        if stat.S_ISDIR(inode.mode):
+            self._dir_parents[inode.id] = parent
         return inode
+
+    def _parent_dir(self, directory: Inode) -> Inode:
+        """The directory '..' names."""
+        if directory.id == ROOT_INODE:
+            return directory
+        parent_id = self._dir_parents.get(directory.id)
+        if parent_id is None:
+            # None: a removed directory (its '..' is then the root's, as before).
+            parent_id = self.md.parent_of(directory.id) or ROOT_INODE
+            self._dir_parents[directory.id] = parent_id
+        return self._inode(parent_id)
 
     def _touch_dir(self, directory: Inode, now: int) -> None:
         """Every change of a directory's entries comes through here."""
@@ -353,8 +372,7 @@ class Operations(pyfuse3.Operations):
         if name == b".":
             return self._lookup_ref(parent)
         if name == b"..":
-            grandparent = self.md.parent_of(parent.id) if parent.id != ROOT_INODE else ROOT_INODE
-            return self._lookup_ref(self._inode(grandparent or ROOT_INODE))
+            return self._lookup_ref(self._parent_dir(parent))
         child = self._child(parent.id, name)
         if child is None:
             return _negative_entry()
@@ -599,6 +617,7 @@ class Operations(pyfuse3.Operations):
             if directory:
                 parent.nlink -= 1
             self._touch_dir(parent, now)
+        self._dir_parents.pop(inode.id, None)
         self._maybe_delete(inode.id)
 
     def _drop_link(self, inode: Inode, now: int) -> None:
@@ -624,6 +643,9 @@ class Operations(pyfuse3.Operations):
         source = self._inode(source_entry.inode)
         target_entry = self.md.lookup(new_parent.id, new_ct)
         target = None if target_entry is None else self._inode(target_entry.inode)
+        self._dir_parents.pop(source.id, None)
+        if target is not None:
+            self._dir_parents.pop(target.id, None)
         now = _now()
         if flags & pyfuse3.RENAME_EXCHANGE:
             if target is None:
@@ -908,17 +930,15 @@ class Operations(pyfuse3.Operations):
         # Offsets: 1 after '.', 2 after '..', then 2 + the entry id.
         if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attrs(directory), 1):
             return
-        if start_id < 2:
-            parent_id = self.md.parent_of(directory.id) if directory.id != ROOT_INODE else ROOT_INODE
-            if not pyfuse3.readdir_reply(token, b"..", self._attrs(self._inode(parent_id or ROOT_INODE)), 2):
-                return
+        if start_id < 2 and not pyfuse3.readdir_reply(token, b"..", self._attrs(self._parent_dir(directory)), 2):
+            return
         if self._listing_ends.get(directory.id) == start_id:
             return  # the kernel asks once more after the last entry
         after = max(0, start_id - 2)
         while True:
             entries = self.md.entries_with_inodes(directory.id, after, _READDIR_BATCH, self._inodes)
             for entry, found in entries:
-                inode = self._keep(found)
+                inode = self._keep(found, directory.id)
                 name = self.names.decrypt_name(directory.id, entry.name)
                 if not pyfuse3.readdir_reply(token, name, self._attrs(inode), entry.id + 2):
                     self._release_cache(inode.id)

@@ -41,7 +41,7 @@ class KeyRing:
         # One derivation at a time: a PKCS#11 session runs one operation at once,
         # and the prefetch thread shares this one.
         self._hsm_lock = threading.Lock()
-        self._prefetcher: ThreadPoolExecutor | None = None
+        self._hsm_thread: ThreadPoolExecutor | None = None
         self._prefetched: tuple[tuple[int, int, int], Secret, Future[None]] | None = None
         self._prefetched_at = 0.0
 
@@ -53,6 +53,20 @@ class KeyRing:
     def _derive_into(self, key_label: str, info: bytes, out: Secret) -> None:
         with self._hsm_lock:
             self.hsm.derive_into(key_label, info, out)
+
+    def _arm(self, key_label: str) -> None:
+        with self._hsm_lock:
+            self.hsm.arm(key_label)
+
+    def _thread(self) -> ThreadPoolExecutor:
+        """The one thread that derives keys ahead and arms the next derivation.
+
+        It runs nothing but HSM calls: each time it takes the GIL back it
+        stalls the request being served.
+        """
+        if self._hsm_thread is None:
+            self._hsm_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="envfs-key-prefetch")
+        return self._hsm_thread
 
     def check_value(self, key_version: int) -> str:
         with self._derive(key_version, kdf.key_check_info(self.superblock.uuid, key_version)) as secret:
@@ -116,25 +130,26 @@ class KeyRing:
                         return BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
         info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
         with self._derive(key_version, info) as dek:
-            return BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
+            cipher = BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
+        self._thread().submit(self._arm, self.superblock.key(key_version).label)
+        return cipher
 
     def prefetch_file_cipher(self, inode_id: int, key_version: int, key_epoch: int) -> None:
         """Start deriving the key of a file about to be created, in a thread.
 
         The HSM round trips (most of a create's cost) then overlap with the
         requests that come before the create; `file_cipher` collects the
-        result. The thread runs nothing but the HSM calls: each time it takes
-        the GIL back it stalls the request being served. At most one
-        prefetched key exists; an unused one is wiped.
+        result. Once the key is out, the thread arms the derivation after it.
+        At most one prefetched key exists; an unused one is wiped.
         """
         self.drop_prefetched()
-        if self._prefetcher is None:
-            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="envfs-key-prefetch")
         label = self.superblock.key(key_version).label
         info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
         dek = Secret(DERIVED_KEY_BYTES)
         self.derivations += 1
-        future = self._prefetcher.submit(self._derive_into, label, info, dek)
+        thread = self._thread()
+        future = thread.submit(self._derive_into, label, info, dek)
+        thread.submit(self._arm, label)
         self._prefetched = ((inode_id, key_version, key_epoch), dek, future)
         self._prefetched_at = time.monotonic()
 
@@ -147,9 +162,9 @@ class KeyRing:
 
     def close(self) -> None:
         self.drop_prefetched()
-        if self._prefetcher is not None:
-            self._prefetcher.shutdown(wait=True)
-            self._prefetcher = None
+        if self._hsm_thread is not None:
+            self._hsm_thread.shutdown(wait=True)
+            self._hsm_thread = None
         self._metadata_mac = None
 
 

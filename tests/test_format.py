@@ -233,6 +233,16 @@ def test_derivation_vectors_through_the_hsm(envfs: Envfs, tmp_path: Path, monkey
             for name in ("name half 1", "name half 2", "metadata mac", "key check"):
                 with hsm.derive(label, bytes.fromhex(INFO[name])) as key:
                     assert bytes(key.view).hex() == OKM[name]
+            # Armed ahead (C_SignInit before the message is known), and armed but
+            # then asked something else first: the same keys.
+            for name, (inode, epoch) in DEK_INPUTS.items():
+                hsm.arm(label)
+                with hsm.derive(label, kdf.file_dek_info(STORE_UUID, KEY_VERSION, inode, epoch)) as dek:
+                    assert bytes(dek.view).hex() == OKM[name]
+                hsm.arm(label)
+                assert not hsm.has_key(f"{label}-missing")
+                with hsm.derive(label, kdf.file_dek_info(STORE_UUID, KEY_VERSION, inode, epoch)) as dek:
+                    assert bytes(dek.view).hex() == OKM[name]
             # The key ring of a store with the documented UUID (same master key, the token's label).
             ring = KeyRing(hsm, document_superblock(label))
             assert ring.check_value(KEY_VERSION) == KEY_CHECK_VALUE
@@ -252,6 +262,14 @@ def test_derivation_vectors_through_the_hsm(envfs: Envfs, tmp_path: Path, monkey
             assert cipher.decrypt_into(BLOCK_INDEX, memoryview(slot), memoryview(out)) == 4096
             assert out == BLOCK_PLAINTEXT
             cipher.close()
+            # A key derived ahead in the ring's thread, after an armed derivation.
+            ring.prefetch_file_cipher(2, KEY_VERSION, 0)
+            cipher = ring.file_cipher(2, KEY_VERSION, 0)
+            assert ring.prefetch_hits == 1
+            assert cipher.decrypt_into(BLOCK_INDEX, memoryview(slot), memoryview(out)) == 4096
+            assert out == BLOCK_PLAINTEXT
+            cipher.close()
+            ring.close()
             # The real store: its check value and MAC follow the same rules.
             real_check = hkdf_hmac_module(MASTER_KEY, kdf.key_check_info(real_uuid, 1))[:16].hex()
             assert on_disk["keys"][0]["check"] == real_check

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import platform
 import stat
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -196,6 +199,42 @@ def test_readdir_dot_entries_and_nlink(mounted: Path) -> None:
     assert os.stat(mounted / "a" / "b" / "..").st_ino == os.stat(mounted / "a").st_ino
 
 
+def _dot_dot_inode(directory: Path) -> int:
+    """The inode number readdir gives for '..' (os.stat and ls -i resolve '..' in the kernel instead)."""
+    getdents64 = {"x86_64": 217, "aarch64": 61}[platform.machine()]
+    buffer = ctypes.create_string_buffer(1 << 16)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while (length := ctypes.CDLL(None, use_errno=True).syscall(getdents64, fd, buffer, len(buffer))) > 0:
+            offset = 0
+            while offset < length:
+                ino, _, reclen = struct.unpack_from("<QqH", buffer.raw, offset)
+                if buffer.raw[offset + 19 : offset + reclen].split(b"\0")[0] == b"..":
+                    return int(ino)
+                offset += reclen
+    finally:
+        os.close(fd)
+    raise AssertionError(f"no '..' in {directory}")
+
+
+def test_readdir_dot_dot_follows_renames(mounted: Path) -> None:
+    for name in ("a/moved", "b", "c/swapped"):
+        (mounted / name).mkdir(parents=True)
+    ino = {name: os.stat(mounted / name).st_ino for name in ("a", "b", "c")}
+    assert _dot_dot_inode(mounted / "a" / "moved") == ino["a"]
+    os.rename(mounted / "a" / "moved", mounted / "b" / "moved")
+    assert _dot_dot_inode(mounted / "b" / "moved") == ino["b"]
+    # RENAME_EXCHANGE of a/ and c/swapped/: each directory moves to the other's parent.
+    assert _dot_dot_inode(mounted / "c" / "swapped") == ino["c"]
+    renameat2 = __import__("ctypes").CDLL(None, use_errno=True).renameat2
+    assert renameat2(-100, str(mounted / "a").encode(), -100, str(mounted / "c" / "swapped").encode(), 2) == 0
+    assert _dot_dot_inode(mounted / "a") == 1
+    assert _dot_dot_inode(mounted / "c" / "swapped") == ino["c"]
+    assert os.stat(mounted / "c" / "swapped").st_ino == ino["a"]
+    os.rename(mounted / "b" / "moved", mounted / "top")
+    assert _dot_dot_inode(mounted / "top") == 1
+
+
 def test_rename_semantics(mounted: Path) -> None:
     (mounted / "d1").mkdir()
     (mounted / "d2").mkdir()
@@ -227,7 +266,6 @@ def test_rename_semantics(mounted: Path) -> None:
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> None:
-    import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     at_fdcwd = -100
@@ -373,7 +411,6 @@ def test_xattrs_after_remount(store: Envfs) -> None:
 
 
 def test_xattr_small_buffer_erange(mounted: Path) -> None:
-    import ctypes
 
     path = mounted / "f"
     path.write_text("x")
