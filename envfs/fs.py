@@ -334,9 +334,16 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENAMETOOLONG)
         return self.names.encrypt_name(parent, name)
 
-    def _child(self, parent: int, name: bytes) -> Inode | None:
-        found = self.md.lookup_with_inode(parent, self._encrypt_name(parent, name), self._inodes)
+    def _child(self, parent: int, name_ct: bytes) -> Inode | None:
+        found = self.md.lookup_with_inode(parent, name_ct, self._inodes)
         return None if found is None else self._keep(found[1], parent)
+
+    def _unused_name(self, parent: Inode, name: bytes) -> bytes:
+        """The encrypted form of a name that `parent` does not hold yet (else EEXIST)."""
+        name_ct = self._encrypt_name(parent.id, name)
+        if self.md.lookup(parent.id, name_ct) is not None:
+            raise FUSEError(errno.EEXIST)
+        return name_ct
 
     def _keep(self, inode: Inode | None, parent: int) -> Inode:
         """An inode fetched with its entry in `parent`, kept as the one object for its id."""
@@ -353,7 +360,7 @@ class Operations(pyfuse3.Operations):
             return directory
         parent_id = self._dir_parents.get(directory.id)
         if parent_id is None:
-            # None: a removed directory (its '..' is then the root's, as before).
+            # None: a removed directory, whose '..' is the root's.
             parent_id = self.md.parent_of(directory.id) or ROOT_INODE
             self._dir_parents[directory.id] = parent_id
         return self._inode(parent_id)
@@ -373,7 +380,7 @@ class Operations(pyfuse3.Operations):
             return self._lookup_ref(parent)
         if name == b"..":
             return self._lookup_ref(self._parent_dir(parent))
-        child = self._child(parent.id, name)
+        child = self._child(parent.id, self._encrypt_name(parent.id, name))
         if child is None:
             return _negative_entry()
         return self._lookup_ref(child)
@@ -468,12 +475,10 @@ class Operations(pyfuse3.Operations):
     # -- creating --------------------------------------------------------------
 
     def _new_inode(
-        self, parent: Inode, name: bytes, mode: int, ctx: pyfuse3.RequestContext, rdev: int = 0, size: int = 0,
+        self, parent: Inode, name_ct: bytes, mode: int, ctx: pyfuse3.RequestContext, rdev: int = 0, size: int = 0,
         inode_id: int | None = None,
-    ) -> tuple[Inode, bytes]:  # fmt: skip
-        name_ct = self._encrypt_name(parent.id, name)
-        if self.md.lookup(parent.id, name_ct) is not None:
-            raise FUSEError(errno.EEXIST)
+    ) -> Inode:  # fmt: skip
+        """A new inode under the unused (encrypted) name `name_ct` of `parent`."""
         now = _now()
         gid = ctx.gid
         if parent.mode & stat.S_ISGID:
@@ -493,7 +498,7 @@ class Operations(pyfuse3.Operations):
         self._touch_dir(parent, now)
         self._inodes[inode.id] = inode
         self._without_xattrs.add(inode.id)  # the kernel asks for security.capability before each write
-        return inode, name_ct
+        return inode
 
     @handler
     async def mknod(
@@ -504,8 +509,9 @@ class Operations(pyfuse3.Operations):
             mode |= stat.S_IFREG
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise FUSEError(errno.EINVAL)
+        name_ct = self._unused_name(parent, name)
         with self.md.transaction():
-            inode, _ = self._new_inode(parent, name, mode, ctx, rdev=rdev)
+            inode = self._new_inode(parent, name_ct, mode, ctx, rdev=rdev)
         return self._lookup_ref(inode)
 
     @handler
@@ -513,8 +519,9 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
+        name_ct = self._unused_name(parent, name)
         with self.md.transaction():
-            inode, _ = self._new_inode(parent, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
+            inode = self._new_inode(parent, name_ct, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
         return self._lookup_ref(inode)
 
     @handler
@@ -524,8 +531,9 @@ class Operations(pyfuse3.Operations):
         parent = self._dir(parent_inode)
         if len(target) > SYMLINK_MAX:
             raise FUSEError(errno.ENAMETOOLONG)
+        name_ct = self._unused_name(parent, name)
         with self.md.transaction():
-            inode, _ = self._new_inode(parent, name, stat.S_IFLNK | 0o777, ctx, size=len(target))
+            inode = self._new_inode(parent, name_ct, stat.S_IFLNK | 0o777, ctx, size=len(target))
             self.md.set_symlink(inode.id, self.names.encrypt_target(inode.id, target))
         return self._lookup_ref(inode)
 
@@ -544,7 +552,8 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._dir(parent_inode)
-        existing = self._child(parent.id, name)
+        name_ct = self._encrypt_name(parent.id, name)
+        existing = self._child(parent.id, name_ct)
         if existing is not None:
             # Another process created the name after the kernel's lookup: O_CREAT
             # without O_EXCL opens what is there, as on a local filesystem.
@@ -556,7 +565,8 @@ class Operations(pyfuse3.Operations):
             return info, self._lookup_ref(existing)
         inode_id = self._next_file_id or self.md.allocate_inode_id()
         with self.md.transaction():
-            inode, _ = self._new_inode(parent, name, stat.S_IFREG | stat.S_IMODE(mode), ctx, inode_id=inode_id)
+            # The lookup above found no entry, and nothing runs between it and here.
+            inode = self._new_inode(parent, name_ct, stat.S_IFREG | stat.S_IMODE(mode), ctx, inode_id=inode_id)
         self._next_file_id = None
         attrs = self._lookup_ref(inode)
         info = self._open_handle(inode, flags)
