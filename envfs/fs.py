@@ -29,7 +29,7 @@ from .blocks import BLOCK_SIZE, SLOT_SIZE
 from .datafile import DataFile
 from .errors import EnvfsError, IntegrityError
 from .keys import KeyRing
-from .metadata import ROOT_INODE, Inode, Metadata
+from .metadata import ROOT_INODE, Inode, Metadata, WalkPosition
 from .names import NAME_MAX, NameCipher
 from .secret import BufferPool, zero_bytes
 from .store import RESERVE_BYTES, Store
@@ -168,9 +168,10 @@ class Operations(pyfuse3.Operations):
         # The id, allocated in advance, of the next file `create` makes; its
         # key is being prefetched.
         self._next_file_id: int | None = None
-        # The file whose key was prefetched at the last first open, and how
-        # many such guesses in a row missed.
+        # The file whose key was prefetched at the last first open, where the
+        # walk that guessed it stands, and how many such guesses in a row missed.
         self._guessed_next: int | None = None
+        self._guessed_at: WalkPosition = ()
         self._guess_misses = 0
         self.rekeys = 0
         self.data_opens = 0
@@ -727,9 +728,10 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENXIO)
         # The guess runs its queries while the HSM may still be deriving this
         # file's own key (prefetched at the previous open).
-        following = self._guess_next_file(inode) if inode.id not in self._open else None
+        guess = self._guess_next_file(inode) if inode.id not in self._open else None
         info = self._open_handle(inode, flags)
-        if following is not None and following.id not in self._open:
+        if guess is not None and guess[0].id not in self._open:
+            following, self._guessed_at = guess
             self._guessed_next = following.id
             self.keys.prefetch_file_cipher(following.id, following.key_version, following.key_epoch)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
@@ -740,22 +742,26 @@ class Operations(pyfuse3.Operations):
                 raise
         return info
 
-    def _guess_next_file(self, opened: Inode) -> Inode | None:
+    def _guess_next_file(self, opened: Inode) -> tuple[Inode, WalkPosition] | None:
         """The file to derive a key for ahead, at the first open of `opened`.
 
         Readers of a whole tree (md5sum, grep -r, tar c, cp -r out of the
         mount) open files in the order of a depth-first walk in listing
-        order, so the next first open mostly finds its key ready. Where the
-        guesses keep missing (random access), only every 32nd open guesses,
-        to spare the HSM wasted derivations.
+        order, so the next first open mostly finds its key ready, and the
+        walk goes on from where the last guess left it. Where the guesses
+        keep missing (random access), only every 32nd open guesses, to spare
+        the HSM wasted derivations.
         """
+        walk: WalkPosition = ()
         if self._guessed_next is not None:
-            self._guess_misses = 0 if opened.id == self._guessed_next else self._guess_misses + 1
-            self._guessed_next = None
+            hit = opened.id == self._guessed_next
+            self._guess_misses = 0 if hit else self._guess_misses + 1
+            walk = self._guessed_at if hit else ()
+            self._guessed_next, self._guessed_at = None, ()
         if self._guess_misses >= 4 and self.data_opens % 32:
             return None
         try:
-            return self.md.next_file(opened.id)
+            return self.md.next_file(opened.id, walk)
         except (IntegrityError, sqlite3.Error) as e:
             log.debug("no key prefetch after inode %d: %s", opened.id, e)  # the open itself will say
             return None

@@ -50,9 +50,16 @@ class KeyRing:
         with self._hsm_lock:
             return self.hsm.derive(self.superblock.key(key_version).label, info)
 
-    def _derive_into(self, key_label: str, info: bytes, out: Secret) -> None:
+    def _derive_ahead(self, key_label: str, info: bytes, out: Secret, done: Future[None]) -> None:
+        """In the key thread: derive into `out`, hand it over, then arm the next derivation."""
         with self._hsm_lock:
-            self.hsm.derive_into(key_label, info, out)
+            try:
+                self.hsm.derive_into(key_label, info, out)
+            except BaseException as e:
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+            self.hsm.arm(key_label)
 
     def _arm(self, key_label: str) -> None:
         with self._hsm_lock:
@@ -147,9 +154,8 @@ class KeyRing:
         info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
         dek = Secret(DERIVED_KEY_BYTES)
         self.derivations += 1
-        thread = self._thread()
-        future = thread.submit(self._derive_into, label, info, dek)
-        thread.submit(self._arm, label)
+        future: Future[None] = Future()
+        self._thread().submit(self._derive_ahead, label, info, dek, future)
         self._prefetched = ((inode_id, key_version, key_epoch), dek, future)
         self._prefetched_at = time.monotonic()
 

@@ -168,6 +168,12 @@ _ENTRY_AND_INODE = (
 )
 
 
+# Where a depth-first walk in listing order stands (`Metadata.next_file`):
+# the (parent, entry id) of the entry it reached, after those of the
+# directories above it that the walk went down through.
+WalkPosition = tuple[tuple[int, int], ...]
+
+
 @dataclass(slots=True)
 class Dentry:
     id: int
@@ -445,27 +451,44 @@ class Metadata:
             inode = self._inode(row[5:])
         return entry, inode
 
-    def next_file(self, inode_id: int, max_steps: int = 16) -> Inode | None:
+    def next_file(
+        self, inode_id: int, walk: WalkPosition = (), max_steps: int = 16
+    ) -> tuple[Inode, WalkPosition] | None:
         """The regular file after `inode_id` in a depth-first walk of the tree
         in listing order, the order in which find, tar, cp -r and md5sum of
-        `find` visit files; None if there is none within `max_steps` entries.
+        `find` visit files, with the walk's position at it; None if there is
+        none within `max_steps` entries.
 
-        Only the file found is authenticated: the walk is a guess at what is
-        opened next, and the open checks what it opens.
+        `walk` is the position this method returned with `inode_id`, if it
+        did: the walk then goes on from there without looking up where
+        `inode_id` and the directories above it are listed. Only the file
+        found is authenticated: the walk is a guess at what is opened next
+        (a stale position just guesses wrong), and the open checks what it
+        opens.
         """
-        position = self.db.execute(_ENTRY_OF_INODE, (inode_id,)).fetchone()
-        for _ in range(max_steps):
-            if position is None:
+        frames = list(walk)
+        if not frames:
+            entry = self.db.execute(_ENTRY_OF_INODE, (inode_id,)).fetchone()
+            if entry is None:
                 return None
-            parent, after = position
+            frames.append(entry)
+        for _ in range(max_steps):
+            parent, after = frames[-1]
             row = self.db.execute(_ENTRY_AFTER, (parent, after)).fetchone()
-            if row is None:
-                position = self.db.execute(_ENTRY_OF_INODE, (parent,)).fetchone()  # up a level
+            if row is None:  # up a level
+                frames.pop()
+                if not frames:
+                    entry = self.db.execute(_ENTRY_OF_INODE, (parent,)).fetchone()
+                    if entry is None:
+                        return None
+                    frames.append(entry)
                 continue
+            frames[-1] = (parent, row[0])
             mode = row[2]
             if stat.S_ISREG(mode):
-                return self._inode(row[1:])
-            position = (row[1], 0) if stat.S_ISDIR(mode) else (parent, row[0])  # down, or on
+                return self._inode(row[1:]), tuple(frames)
+            if stat.S_ISDIR(mode):
+                frames.append((row[1], 0))  # down
         return None
 
     def has_entries(self, parent: int) -> bool:

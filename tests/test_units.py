@@ -228,6 +228,45 @@ def test_entries_with_their_inodes(tmp_path: Path) -> None:
     md.close()
 
 
+def test_next_file_walks_the_tree_in_listing_order(tmp_path: Path) -> None:
+    """From any file, and from the position its own guess returned, the next file of a
+    depth-first walk in listing order: into directories, out of finished ones, past
+    empty ones and symlinks."""
+    md = Metadata(tmp_path / "meta.db", hmac.HMAC(b"m" * 32, hashes.SHA256()), create=True)
+    fields = dict(
+        mode=0o100644, uid=0, gid=0, nlink=1, rdev=0, size=0, atime_ns=1, mtime_ns=2, ctime_ns=3,
+        key_version=1, key_epoch=0, block_writes=0,
+    )  # fmt: skip
+    md.create_inode(**{**fields, "mode": 0o40755, "nlink": 2})
+    walk_order: list[int] = []
+
+    def make(parent: int, layout: list[object]) -> None:
+        for i, item in enumerate(layout):
+            if item == "f":
+                inode = md.create_inode(**fields)
+                walk_order.append(inode.id)
+            elif item == "l":
+                inode = md.create_inode(**{**fields, "mode": 0o120777})
+            else:
+                inode = md.create_inode(**{**fields, "mode": 0o40755, "nlink": 2})
+            md.add_entry(parent, b"e%d" % i, inode.id)
+            if isinstance(item, list):
+                make(inode.id, item)
+
+    with md.transaction():
+        make(1, ["f", [["f", "l", []], "f"], "l", [], ["f"], [[[["f"]]]], "f"])
+    expected = list(zip(walk_order[:-1], walk_order[1:], strict=True))
+    assert [(f, found[0].id) for f, _ in expected if (found := md.next_file(f))] == expected
+    # Following the positions it returns, as the daemon does for the files it guessed right.
+    chain, position, current = [], (), walk_order[0]
+    while (found := md.next_file(current, position)) is not None:
+        current, position = found[0].id, found[1]
+        chain.append(current)
+    assert chain == walk_order[1:]
+    assert md.next_file(walk_order[-1]) is None
+    md.close()
+
+
 def test_metadata_rows_are_macd(tmp_path: Path) -> None:
     mac = hmac.HMAC(b"m" * 32, hashes.SHA256())
     md = Metadata(tmp_path / "meta.db", mac, create=True)
