@@ -196,15 +196,24 @@ def test_names_are_bound_to_their_place() -> None:
         names.decrypt_xattr_value(5, names.encrypt_xattr_name(5, b"user.b"), value)
 
 
+# The columns of a regular file's inode row, for metadata tests.
+_FILE_FIELDS: dict[str, int] = dict(
+    mode=0o100644, uid=0, gid=0, nlink=1, rdev=0, size=0, atime_ns=1, mtime_ns=2, ctime_ns=3,
+    key_version=1, key_epoch=0, block_writes=0,
+)  # fmt: skip
+
+
+def _metadata_with_root(tmp_path: Path) -> Metadata:
+    md = Metadata(tmp_path / "meta.db", hmac.HMAC(b"m" * 32, hashes.SHA256()), create=True)
+    md.create_inode(**{**_FILE_FIELDS, "mode": 0o40755, "nlink": 2})
+    return md
+
+
 def test_entries_with_their_inodes(tmp_path: Path) -> None:
     """The joined queries return the same entries and inodes as the single ones,
     take known inodes as given, and check the MACs of the others."""
-    md = Metadata(tmp_path / "meta.db", hmac.HMAC(b"m" * 32, hashes.SHA256()), create=True)
-    fields = dict(
-        mode=0o100644, uid=0, gid=0, nlink=1, rdev=0, size=0, atime_ns=1, mtime_ns=2, ctime_ns=3,
-        key_version=1, key_epoch=0, block_writes=0,
-    )  # fmt: skip
-    md.create_inode(**{**fields, "mode": 0o40755, "nlink": 2})
+    md = _metadata_with_root(tmp_path)
+    fields = _FILE_FIELDS
     files = [md.create_inode(**fields) for _ in range(3)]
     with md.transaction():
         for i, f in enumerate(files):
@@ -232,12 +241,8 @@ def test_next_file_walks_the_tree_in_listing_order(tmp_path: Path) -> None:
     """From any file, and from the position its own guess returned, the next file of a
     depth-first walk in listing order: into directories, out of finished ones, past
     empty ones and symlinks."""
-    md = Metadata(tmp_path / "meta.db", hmac.HMAC(b"m" * 32, hashes.SHA256()), create=True)
-    fields = dict(
-        mode=0o100644, uid=0, gid=0, nlink=1, rdev=0, size=0, atime_ns=1, mtime_ns=2, ctime_ns=3,
-        key_version=1, key_epoch=0, block_writes=0,
-    )  # fmt: skip
-    md.create_inode(**{**fields, "mode": 0o40755, "nlink": 2})
+    md = _metadata_with_root(tmp_path)
+    fields = _FILE_FIELDS
     walk_order: list[int] = []
 
     def make(parent: int, layout: list[object]) -> None:
@@ -270,10 +275,7 @@ def test_next_file_walks_the_tree_in_listing_order(tmp_path: Path) -> None:
 def test_metadata_rows_are_macd(tmp_path: Path) -> None:
     mac = hmac.HMAC(b"m" * 32, hashes.SHA256())
     md = Metadata(tmp_path / "meta.db", mac, create=True)
-    fields = dict(
-        mode=0o100644, uid=0, gid=0, nlink=1, rdev=0, size=10, atime_ns=1, mtime_ns=2, ctime_ns=3,
-        key_version=1, key_epoch=0, block_writes=0,
-    )  # fmt: skip
+    fields = {**_FILE_FIELDS, "size": 10}
     root = md.create_inode(**{**fields, "mode": 0o40755, "nlink": 2})
     child = md.create_inode(**fields)
     assert (root.id, child.id) == (1, 2)
