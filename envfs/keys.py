@@ -39,7 +39,7 @@ class KeyRing:
         self.prefetch_hits = 0  # file keys that were ready when asked for
         self._metadata_mac: hmac.HMAC | None = None
         # One derivation at a time: a PKCS#11 session runs one operation at once,
-        # and the prefetch thread shares this one.
+        # and the key thread (`_thread`) shares this one.
         self._hsm_lock = threading.Lock()
         self._hsm_thread: ThreadPoolExecutor | None = None
         self._prefetched: tuple[tuple[int, int, int], Secret, Future[None]] | None = None
