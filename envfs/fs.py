@@ -220,6 +220,7 @@ class Operations(pyfuse3.Operations):
             raise
 
     def _drop_caches(self) -> None:
+        """Forget everything kept in memory about inodes (`_uncache` for all)."""
         self._inodes.clear()
         self._without_xattrs.clear()
         self._listing_ends.clear()
@@ -262,10 +263,14 @@ class Operations(pyfuse3.Operations):
 
     def _release_cache(self, inode_id: int) -> None:
         if inode_id not in self._lookups and inode_id not in self._open and inode_id != ROOT_INODE:
-            self._inodes.pop(inode_id, None)
-            self._without_xattrs.discard(inode_id)
-            self._listing_ends.pop(inode_id, None)
-            self._dir_parents.pop(inode_id, None)
+            self._uncache(inode_id)
+
+    def _uncache(self, inode_id: int) -> None:
+        """Forget everything kept in memory about an inode (`_drop_caches` for one)."""
+        self._inodes.pop(inode_id, None)
+        self._without_xattrs.discard(inode_id)
+        self._listing_ends.pop(inode_id, None)
+        self._dir_parents.pop(inode_id, None)
 
     def _maybe_delete(self, inode_id: int) -> None:
         """Delete an unlinked inode once neither the kernel nor a handle holds it."""
@@ -279,8 +284,7 @@ class Operations(pyfuse3.Operations):
         if inode_id in self._lookups:
             return
         delete_inode(self.store, self.md, inode)
-        self._inodes.pop(inode_id, None)
-        self._without_xattrs.discard(inode_id)
+        self._uncache(inode_id)
 
     def _free_space_early(self, inode: Inode) -> None:
         """On a nearly full disk, remove an unlinked, unopened file's data at once,
