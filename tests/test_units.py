@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import random
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from envfs import kdf
-from envfs.blocks import SLOT_SIZE, BlockCipher, max_data_length, min_data_length
+from envfs import blocks, kdf
+from envfs.blocks import NONCE_SIZE, SLOT_SIZE, BlockCipher, block_aad, max_data_length, min_data_length
 from envfs.datafile import DataFile
 from envfs.errors import IntegrityError
 from envfs.metadata import Metadata
@@ -117,6 +119,79 @@ def test_block_binding() -> None:
     slot[20] ^= 1
     with pytest.raises(IntegrityError):
         cipher.decrypt_into(3, memoryview(slot)[:n], memoryview(out))
+
+
+def _reference_open(key: bytes, inode: int, index: int, slot: bytes) -> bytes:
+    """A slot opened by `cryptography`'s AESGCM, the reference for envfs._gcm."""
+    aad = block_aad(STORE_UUID, inode, 1, 0, index)
+    return AESGCM(key).decrypt(slot[:NONCE_SIZE], slot[NONCE_SIZE:], aad)
+
+
+# 31 blocks stay in the caller's thread; from 32 on the run is shared with the helper thread.
+@pytest.mark.parametrize("length", [1, 4096, 31 * 4096 + 5, 32 * 4096, 256 * 4096, 255 * 4096 + 1000])
+def test_block_runs_match_reference_aesgcm(length: int) -> None:
+    key = os.urandom(32)
+    cipher = _cipher(key=key)
+    plaintext = os.urandom(length)
+    count = -(-length // 4096)
+    slots = bytearray(count * SLOT_SIZE)
+    written = cipher.encrypt_blocks_into(9, memoryview(plaintext), memoryview(slots))
+    assert written == length + count * (NONCE_SIZE + 16)
+    for k in range(count):
+        slot = bytes(slots[k * SLOT_SIZE : min((k + 1) * SLOT_SIZE, written)])
+        assert _reference_open(key, 7, 9 + k, slot) == plaintext[k * 4096 : (k + 1) * 4096]
+    # Holes in both halves read as zeros; everything else round-trips.
+    holes = {0, count - 1} if count > 2 else set()
+    for k in holes:
+        end = min((k + 1) * SLOT_SIZE, written)
+        slots[k * SLOT_SIZE : end] = bytes(end - k * SLOT_SIZE)
+    out = bytearray(count * 4096)
+    assert cipher.decrypt_blocks_into(9, memoryview(slots)[:written], memoryview(out)) == length
+    for k in range(count):
+        want = plaintext[k * 4096 : (k + 1) * 4096]
+        assert out[k * 4096 : k * 4096 + len(want)] == (bytes(len(want)) if k in holes else want)
+
+
+@pytest.mark.parametrize("bad", [0, 100, 199])
+def test_block_run_names_the_tampered_block(bad: int) -> None:
+    cipher = _cipher()
+    plaintext = os.urandom(200 * 4096)
+    slots = bytearray(200 * SLOT_SIZE)
+    cipher.encrypt_blocks_into(0, memoryview(plaintext), memoryview(slots))
+    slots[bad * SLOT_SIZE + 50] ^= 1
+    out = bytearray(len(plaintext))
+    with pytest.raises(IntegrityError, match=f"block {bad}: authentication failed"):
+        cipher.decrypt_blocks_into(0, memoryview(slots), memoryview(out))
+    assert out[bad * 4096 : (bad + 1) * 4096] == bytes(4096)  # no unauthenticated plaintext left
+
+
+def test_block_cipher_after_close_and_fork() -> None:
+    cipher = _cipher()
+    plaintext = os.urandom(64 * 4096)
+    slots = bytearray(64 * SLOT_SIZE)
+    cipher.encrypt_blocks_into(0, memoryview(plaintext), memoryview(slots))  # starts the helper thread
+    pid = os.fork()
+    if pid == 0:  # the child has no helper thread: a long run must start its own, not wait forever
+        out = bytearray(len(plaintext))
+        ok = _cipher().decrypt_blocks_into(0, memoryview(slots), memoryview(out)) == len(plaintext)
+        os._exit(0 if ok and out == plaintext else 1)
+    deadline = time.monotonic() + 20
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("a forked child hung on its first long run")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    cipher.close()
+    with pytest.raises(ValueError, match="closed"):
+        cipher.encrypt_blocks_into(0, memoryview(plaintext), memoryview(slots))
+
+
+def test_fresh_nonces_are_never_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    draws = [bytes(12) + b"\x01" * 12, b"\x02" * 24]  # the first draw holds an all-zero nonce
+    monkeypatch.setattr(blocks.os, "urandom", lambda n: draws.pop(0))
+    assert blocks.fresh_nonces(2) == b"\x02" * 24
 
 
 @pytest.mark.parametrize("seed", range(8))
