@@ -48,7 +48,7 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    Lane seal[2]; /* [0]: the caller's, [1]: the helper's */
+    Lane seal[2]; /* [0]: the caller's; [1]: the helper's, copied from [0] at the first long run */
     Lane open[2];
     int busy; /* set while a call runs without the GIL: one caller at a time */
 } Gcm;
@@ -79,19 +79,17 @@ static int Gcm_init(Gcm *self, PyObject *args, PyObject *kwds) {
         goto out;
     }
     gcm_free_contexts(self);
-    for (int i = 0; i < 2; i++) {
-        self->seal[i].ctx = EVP_CIPHER_CTX_new();
-        self->open[i].ctx = EVP_CIPHER_CTX_new();
-        if (!self->seal[i].ctx || !self->open[i].ctx ||
-            EVP_EncryptInit_ex(self->seal[i].ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL) != 1 ||
-            EVP_DecryptInit_ex(self->open[i].ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL) != 1) {
-            gcm_free_contexts(self);
-            PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not set up AES-256-GCM");
-            goto out;
-        }
-        memcpy(self->seal[i].aad, prefix.buf, PREFIX_SIZE);
-        memcpy(self->open[i].aad, prefix.buf, PREFIX_SIZE);
+    self->seal[0].ctx = EVP_CIPHER_CTX_new();
+    self->open[0].ctx = EVP_CIPHER_CTX_new();
+    if (!self->seal[0].ctx || !self->open[0].ctx ||
+        EVP_EncryptInit_ex(self->seal[0].ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL) != 1 ||
+        EVP_DecryptInit_ex(self->open[0].ctx, EVP_aes_256_gcm(), NULL, key.buf, NULL) != 1) {
+        gcm_free_contexts(self);
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL could not set up AES-256-GCM");
+        goto out;
     }
+    memcpy(self->seal[0].aad, prefix.buf, PREFIX_SIZE);
+    memcpy(self->open[0].aad, prefix.buf, PREFIX_SIZE);
     rc = 0;
 out:
     PyBuffer_Release(&key);
@@ -226,19 +224,37 @@ static int helper_start(void) { /* with helper.use held */
     return helper.started;
 }
 
+/* The helper's lane: a copy of the caller's context (the key schedule, not
+ * the key), made when first needed; files read or written in small pieces
+ * never hold more than the caller's two. */
+static Lane *helper_lane(Gcm *self, const Lane *own) {
+    Lane *lane = own == &self->seal[0] ? &self->seal[1] : &self->open[1];
+    if (!lane->ctx) {
+        EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+        if (!ctx || EVP_CIPHER_CTX_copy(ctx, own->ctx) != 1) {
+            EVP_CIPHER_CTX_free(ctx);
+            return NULL;
+        }
+        lane->ctx = ctx;
+        memcpy(lane->aad, own->aad, PREFIX_SIZE);
+    }
+    return lane;
+}
+
 /* Run `whole` (without the GIL), its first half in the helper when it is long
  * and the helper free; return -1 or the first block that failed. */
 static Py_ssize_t run_split(Gcm *self, Run whole) {
     Py_ssize_t in_block = whole.sealing ? BLOCK_SIZE : SLOT_SIZE, out_block = whole.sealing ? SLOT_SIZE : BLOCK_SIZE;
     Py_ssize_t count = (whole.in_len + in_block - 1) / in_block, half = count / 2;
-    if (count < SPLIT_MIN || pthread_mutex_trylock(&helper.use) != 0)
+    Lane *lane = count < SPLIT_MIN ? NULL : helper_lane(self, whole.lane);
+    if (!lane || pthread_mutex_trylock(&helper.use) != 0)
         return run_blocks(&whole);
     if (!helper_start()) {
         pthread_mutex_unlock(&helper.use);
         return run_blocks(&whole);
     }
     Run first = whole, second = whole;
-    first.lane = whole.sealing ? &self->seal[1] : &self->open[1];
+    first.lane = lane;
     first.in_len = half * in_block;
     second.first += half;
     second.in += half * in_block;
