@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from hmac import compare_digest
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives import hmac
 
@@ -151,14 +151,15 @@ _DENTRY_PREFIX = struct.Struct(">QQ")
 
 
 # Queries of `Metadata.next_file`: where an inode is listed (its first entry,
-# for a hard link), and the entry listed after a position, with its inode row.
+# for a hard link), and the entry listed after a position, with what the walk
+# and a key derivation need of its inode.
 _ENTRY_OF_INODE = "SELECT parent, id FROM dentries WHERE inode=? ORDER BY id LIMIT 1"
-# An inode row's columns in a query that joins `inodes i`.
-_INODE_FIELDS = ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + ", i.mac"
 _ENTRY_AFTER = (
-    f"SELECT d.id, {_INODE_FIELDS} FROM dentries d "
+    "SELECT d.id, d.inode, i.mode, i.key_version, i.key_epoch FROM dentries d "
     "JOIN inodes i ON i.id=d.inode WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT 1"
 )
+# An inode row's columns in a query that joins `inodes i`.
+_INODE_FIELDS = ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + ", i.mac"
 _GET_INODE = f"SELECT {_INODE_FIELDS} FROM inodes i WHERE i.id=?"
 _SAVE_INODE = f"UPDATE inodes SET {', '.join(f'{c}=?' for c in _INODE_COLUMNS[1:])}, mac=? WHERE id=?"
 # A directory entry with its inode row (None columns if the row is missing).
@@ -172,6 +173,14 @@ _ENTRY_AND_INODE = (
 # the (parent, entry id) of the entry it reached, after those of the
 # directories above it that the walk went down through.
 WalkPosition = tuple[tuple[int, int], ...]
+
+
+class NextFile(NamedTuple):
+    """A file `Metadata.next_file` reached: what deriving its key needs, as stored (unauthenticated)."""
+
+    id: int
+    key_version: int
+    key_epoch: int
 
 
 @dataclass(slots=True)
@@ -453,7 +462,7 @@ class Metadata:
 
     def next_file(
         self, inode_id: int, walk: WalkPosition = (), max_steps: int = 16
-    ) -> tuple[Inode, WalkPosition] | None:
+    ) -> tuple[NextFile, WalkPosition] | None:
         """The regular file after `inode_id` in a depth-first walk of the tree
         in listing order, the order in which find, tar, cp -r and md5sum of
         `find` visit files, with the walk's position at it; None if there is
@@ -461,10 +470,11 @@ class Metadata:
 
         `walk` is the position this method returned with `inode_id`, if it
         did: the walk then goes on from there without looking up where
-        `inode_id` and the directories above it are listed. Only the file
-        found is authenticated: the walk is a guess at what is opened next
-        (a stale position just guesses wrong), and the open checks what it
-        opens.
+        `inode_id` and the directories above it are listed. Nothing the walk
+        reads is authenticated, the file found included: it is a guess at what
+        is opened next (a stale position or an edited row just guesses wrong),
+        and a key derived ahead is only used by an open whose own,
+        authenticated inode has the same id, key version and key epoch.
         """
         frames = list(walk)
         if not frames:
@@ -483,12 +493,12 @@ class Metadata:
                         return None
                     frames.append(entry)
                 continue
-            frames[-1] = (parent, row[0])
-            mode = row[2]
+            entry_id, child, mode, key_version, key_epoch = row
+            frames[-1] = (parent, entry_id)
             if stat.S_ISREG(mode):
-                return self._inode(row[1:]), tuple(frames)
+                return NextFile(child, key_version, key_epoch), tuple(frames)
             if stat.S_ISDIR(mode):
-                frames.append((row[1], 0))  # down
+                frames.append((child, 0))  # down
         return None
 
     def has_entries(self, parent: int) -> bool:

@@ -260,6 +260,19 @@ def test_edited_inode_row_fails(live: Envfs) -> None:
         assert_serving(live, live.mnt / "ok" / "control", control)
 
 
+def test_edited_row_of_the_next_file_spares_the_open_before_it(live: Envfs) -> None:
+    """The key derived ahead at an open comes from the next file's row unauthenticated: a key
+    version the store does not have, edited into that row, must not fail the open that guessed it."""
+    (live.mnt / "d").mkdir()
+    first = os.urandom(5000)
+    write_file(live.mnt / "d" / "a", first)
+    victim = write_file(live.mnt / "d" / "b", os.urandom(5000))
+    remount(live, lambda: edit_db(live, "UPDATE inodes SET key_version = 99 WHERE id = ?", victim))
+    assert (live.mnt / "d" / "a").read_bytes() == first
+    assert_eio(lambda: (live.mnt / "d" / "b").read_bytes(), "open of the edited file")
+    assert f"inode {victim}: metadata MAC mismatch" in live.log_text()
+
+
 def test_edited_directory_entry_fails(live: Envfs) -> None:
     (live.mnt / "d").mkdir()
     a = os.urandom(100)
