@@ -160,6 +160,9 @@ class Operations(pyfuse3.Operations):
         # it: a walk then answers '..' without a query. Renames and removals
         # drop the directory's entry.
         self._dir_parents: dict[int, int] = {}
+        # Cached inodes whose atime a read changed since their last save: written
+        # with the inode's next save or the next group commit (`_save_atimes`).
+        self._unsaved_atimes: set[int] = set()
         self._lookups: dict[int, int] = {}
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
@@ -214,6 +217,7 @@ class Operations(pyfuse3.Operations):
         if free < RESERVE_BYTES:
             self.store.release_reserve()
         try:
+            self._save_atimes()
             self.md.commit()
         except BaseException:
             self._drop_caches()
@@ -225,11 +229,13 @@ class Operations(pyfuse3.Operations):
         self._without_xattrs.clear()
         self._listing_ends.clear()
         self._dir_parents.clear()
+        self._unsaved_atimes.clear()
 
     def commit_if_due(self, *, now: bool = False) -> None:
-        """For the daemon's timers: commit a group that has waited long enough (or any, `now`)."""
+        """For the daemon's timers: commit a group that has waited long enough
+        (or any, `now`), and atimes that reads changed."""
         try:
-            if self.md.commit_due() or now:
+            if self.md.commit_due() or now or self._unsaved_atimes:
                 self.commit()
         except Exception as e:
             self.failed("commit", e)
@@ -259,10 +265,27 @@ class Operations(pyfuse3.Operations):
         return inode
 
     def _save(self, inode: Inode) -> None:
+        self._unsaved_atimes.discard(inode.id)
         self.md.save_inode(inode)
+
+    def _save_atimes(self) -> None:
+        """Save the inodes whose atime alone changed, each in its own savepoint:
+        a failure loses that atime update and nothing else."""
+        unsaved, self._unsaved_atimes = self._unsaved_atimes, set()
+        for inode_id in unsaved:
+            inode = self._inodes.get(inode_id)
+            if inode is None:
+                continue
+            try:
+                with self.md.transaction():
+                    self.md.save_inode(inode)
+            except (OSError, sqlite3.Error) as e:
+                log.warning("inode %d: atime not saved: %s", inode_id, e)
 
     def _release_cache(self, inode_id: int) -> None:
         if inode_id not in self._lookups and inode_id not in self._open and inode_id != ROOT_INODE:
+            if inode_id in self._unsaved_atimes:
+                self._save(self._inodes[inode_id])
             self._uncache(inode_id)
 
     def _uncache(self, inode_id: int) -> None:
@@ -271,6 +294,7 @@ class Operations(pyfuse3.Operations):
         self._without_xattrs.discard(inode_id)
         self._listing_ends.pop(inode_id, None)
         self._dir_parents.pop(inode_id, None)
+        self._unsaved_atimes.discard(inode_id)
 
     def _maybe_delete(self, inode_id: int) -> None:
         """Delete an unlinked inode once neither the kernel nor a handle holds it."""
@@ -817,14 +841,18 @@ class Operations(pyfuse3.Operations):
             self._read_buffers.give_back(buf)
 
     def _relatime(self, inode: Inode) -> None:
-        """Update atime as ext4's relatime does."""
+        """Update atime as ext4's relatime does; save it as ext4's lazytime
+        does, with the inode's next save or at the next group commit (within
+        GROUP_SECONDS): a read then costs no row write of its own, and a
+        crash loses at most the atimes of that window, as it loses the
+        group's other changes."""
         if (
             inode.atime_ns <= inode.mtime_ns
             or inode.atime_ns <= inode.ctime_ns
             or (_now() - inode.atime_ns > _RELATIME_WINDOW_NS)
         ):
             inode.atime_ns = _now()
-            self._save(inode)
+            self._unsaved_atimes.add(inode.id)
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -1091,6 +1119,7 @@ class Operations(pyfuse3.Operations):
                 self._maybe_delete(inode_id)
             except Exception:
                 log.exception("cleaning inode %d at unmount", inode_id)
+        self._save_atimes()
         self.md.sync()
         # pyfuse3 keeps this object in a module global after the session: drop
         # the key material it reaches now rather than at process exit.

@@ -192,3 +192,25 @@ def test_a_killed_daemon_loses_only_uncommitted_changes(store: Envfs) -> None:
     store.mount()
     assert (store.mnt / "settled").read_bytes() == b"x" * 100_000
     assert (store.mnt / "synced").read_bytes() == b"fsy"
+
+
+def test_read_atimes_are_saved_by_the_commit_timer(store: Envfs) -> None:
+    """relatime: a read of a file whose atime is older than its mtime moves the atime to
+    now; envfs saves that change lazily, but within the group commit window, so a kill
+    after it loses nothing. A second read leaves the atime alone."""
+    store.mount()
+    for name in ("read", "unread"):
+        (store.mnt / name).write_bytes(b"data" * 1000)
+        os.utime(store.mnt / name, ns=(1_000_000_000, 2_000_000_000))
+    store.remount()  # the reads below reach the daemon, not the page cache
+    before = time.time_ns()
+    assert (store.mnt / "read").read_bytes() == b"data" * 1000
+    atime = os.stat(store.mnt / "read").st_atime_ns
+    assert atime >= before
+    assert (store.mnt / "read").read_bytes() == b"data" * 1000
+    assert os.stat(store.mnt / "read").st_atime_ns == atime  # newer than mtime and ctime: left alone
+    time.sleep(1.0)  # the group commit timer runs every 0.05 s
+    _kill_daemon(store)
+    store.mount()
+    assert os.stat(store.mnt / "read").st_atime_ns == atime
+    assert os.stat(store.mnt / "unread").st_atime_ns == 1_000_000_000
