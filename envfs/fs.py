@@ -17,6 +17,7 @@ import logging
 import os
 import sqlite3
 import stat
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -770,10 +771,11 @@ class Operations(pyfuse3.Operations):
 
     def _prefetch_guessed(self, following: NextFile, position: WalkPosition) -> None:
         """Derive the guessed next file's key ahead. The guess comes from rows
-        nobody authenticated: a key version the store lacks only ends the guess."""
+        nobody authenticated: a key version the store lacks, or values that do
+        not fit the key's HKDF info (struct.error), only end the guess."""
         try:
             self.keys.prefetch_file_cipher(following.id, following.key_version, following.key_epoch)
-        except CorruptStore as e:
+        except (CorruptStore, struct.error) as e:
             log.debug("no key prefetch for inode %d: %s", following.id, e)
             return
         self._guessed_next, self._guessed_at = following.id, position
@@ -845,7 +847,8 @@ class Operations(pyfuse3.Operations):
         does, with the inode's next save or at the next group commit (within
         GROUP_SECONDS): a read then costs no row write of its own, and a
         crash loses at most the atimes of that window, as it loses the
-        group's other changes."""
+        group's other changes (so does a failed request, which drops the
+        inode cache)."""
         if (
             inode.atime_ns <= inode.mtime_ns
             or inode.atime_ns <= inode.ctime_ns

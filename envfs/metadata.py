@@ -372,7 +372,7 @@ class Metadata:
 
     def _inode(self, row: tuple[Any, ...]) -> Inode:
         inode = Inode(*row[:-1])
-        if not _equal(self.inode_mac(inode), row[-1]):
+        if not _mac_matches(lambda: self.inode_mac(inode), row[-1]):
             raise IntegrityError(f"inode {inode.id}: metadata MAC mismatch")
         return inode
 
@@ -426,7 +426,7 @@ class Metadata:
 
     def _dentry(self, row: tuple[int, int, bytes, int, bytes]) -> Dentry:
         entry = Dentry(row[0], row[1], row[2], row[3])
-        if not _equal(self.dentry_mac(entry.parent, entry.inode, entry.name), row[4]):
+        if not _mac_matches(lambda: self.dentry_mac(entry.parent, entry.inode, entry.name), row[4]):
             raise IntegrityError(f"directory {entry.parent}: entry {entry.id} MAC mismatch")
         return entry
 
@@ -558,5 +558,12 @@ class Metadata:
         return [bytes(row[0]) for row in self.db.execute("SELECT name FROM xattrs WHERE inode=?", (inode,))]
 
 
-def _equal(a: bytes, b: bytes) -> bool:
-    return compare_digest(a, bytes(b))
+def _mac_matches(expected: Callable[[], bytes], stored: object) -> bool:
+    """Whether a row's stored MAC is the one its values give. Values no row
+    envfs writes can hold (an edited row: a string where a number belongs, a
+    number out of its field's range) give no MAC, and so do not match."""
+    try:
+        mac = expected()
+    except (struct.error, TypeError, OverflowError):
+        return False
+    return isinstance(stored, bytes) and compare_digest(mac, stored)

@@ -234,7 +234,7 @@ def edit_db(env: Envfs, sql: str, *args: object) -> None:
 INODE_EDITS = [
     ("size", "size + 1"), ("size", "size - 4096"), ("mode", "mode | 2"), ("mode", "(mode & ~61440) | 16384"),
     ("uid", "uid + 1"), ("nlink", "nlink + 1"), ("key_epoch", "key_epoch + 1"), ("block_writes", "block_writes + 1"),
-    ("mtime_ns", "mtime_ns - 1"),
+    ("mtime_ns", "mtime_ns - 1"), ("uid", "'x'"), ("size", "1 << 70"),
 ]  # fmt: skip
 
 
@@ -260,14 +260,16 @@ def test_edited_inode_row_fails(live: Envfs) -> None:
         assert_serving(live, live.mnt / "ok" / "control", control)
 
 
-def test_edited_row_of_the_next_file_spares_the_open_before_it(live: Envfs) -> None:
+@pytest.mark.parametrize("edit", ["key_version = 99", "key_epoch = 'x'", "key_epoch = 1 << 40"])
+def test_edited_row_of_the_next_file_spares_the_open_before_it(live: Envfs, edit: str) -> None:
     """The key derived ahead at an open comes from the next file's row unauthenticated: a key
-    version the store does not have, edited into that row, must not fail the open that guessed it."""
+    version the store does not have, or a value no key can have, edited into that row, must not
+    fail the open that guessed it."""
     (live.mnt / "d").mkdir()
     first = os.urandom(5000)
     write_file(live.mnt / "d" / "a", first)
     victim = write_file(live.mnt / "d" / "b", os.urandom(5000))
-    remount(live, lambda: edit_db(live, "UPDATE inodes SET key_version = 99 WHERE id = ?", victim))
+    remount(live, lambda: edit_db(live, f"UPDATE inodes SET {edit} WHERE id = ?", victim))
     assert (live.mnt / "d" / "a").read_bytes() == first
     assert_eio(lambda: (live.mnt / "d" / "b").read_bytes(), "open of the edited file")
     assert f"inode {victim}: metadata MAC mismatch" in live.log_text()
