@@ -1074,7 +1074,10 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode_id: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         inode = self._inode(inode_id)
         if not name.startswith(_XATTR_NAMESPACES):
-            raise FUSEError(pyfuse3.ENOATTR)
+            # As setxattr says, and as ext4 mounted without ACLs answers for
+            # system.posix_acl_*: coreutils then stops asking for the device
+            # (ls -l asks for the ACL of every entry otherwise).
+            raise FUSEError(errno.EOPNOTSUPP)
         if self._surely_without_xattrs(inode.id):
             raise FUSEError(pyfuse3.ENOATTR)
         name_ct = self.names.encrypt_xattr_name(inode.id, name)

@@ -387,6 +387,17 @@ def test_xattrs(mounted: Path) -> None:
     os.symlink("f", mounted / "l")
     with pytest.raises(PermissionError):
         os.setxattr(mounted / "l", "user.x", b"1", follow_symlinks=False)
+    # No POSIX ACLs (the kernel would not enforce them without FUSE_POSIX_ACL): set and get say
+    # so alike, as ext4 mounted with noacl does, and getfacl falls back to the mode bits.
+    for name in ("system.posix_acl_access", "system.posix_acl_default"):
+        with pytest.raises(OSError) as e:
+            os.getxattr(path, name)
+        assert e.value.errno == errno.EOPNOTSUPP
+    with pytest.raises(OSError) as e:
+        os.setxattr(path, "system.posix_acl_access", b"\x02\x00\x00\x00")
+    assert e.value.errno == errno.EOPNOTSUPP
+    getfacl = subprocess.run(["getfacl", "-c", str(path)], capture_output=True, text=True)  # Debian's acl
+    assert getfacl.returncode == 0 and "user::rw-" in getfacl.stdout, getfacl.stderr
 
 
 def test_xattrs_after_remount(store: Envfs) -> None:

@@ -832,6 +832,7 @@ def test_daemon_survives_bad_requests(fs: Envfs) -> None:
         _expect(errno.ENODATA, os.getxattr, m / "file", "user.missing")
         _expect(errno.ENODATA, os.removexattr, m / "file", "user.missing")
         _expect(errno.EOPNOTSUPP, os.setxattr, m / "file", "bogus.namespace", b"v")
+        _expect(errno.EOPNOTSUPP, os.getxattr, m / "file", "bogus.namespace")
         _expect(errno.ERANGE, os.setxattr, m / "file", "user." + "a" * 300, b"v")
         _expect((errno.E2BIG, errno.ENOSPC), os.setxattr, m / "file", "user.big", b"v" * 70_000)
         _expect(errno.ELOOP, os.open, m / "loop-a", os.O_RDONLY)
