@@ -111,6 +111,15 @@ def _now() -> int:
     return time.time_ns()
 
 
+def _check_xattr_namespace(name: bytes) -> None:
+    """EOPNOTSUPP for a name outside the namespaces envfs keeps, for get, set
+    and remove alike, as ext4 mounted without ACLs answers for
+    system.posix_acl_*: coreutils then stops asking for the device (ls -l
+    asks for the ACL of every entry otherwise)."""
+    if not name.startswith(_XATTR_NAMESPACES):
+        raise FUSEError(errno.EOPNOTSUPP)
+
+
 def _negative_entry() -> pyfuse3.EntryAttributes:
     """A lookup reply for a missing name: the kernel caches the absence (inode 0)."""
     attrs = pyfuse3.EntryAttributes()
@@ -1052,8 +1061,7 @@ class Operations(pyfuse3.Operations):
 
     def _xattr_inode(self, inode_id: int, name: bytes) -> Inode:
         inode = self._inode(inode_id)
-        if not name.startswith(_XATTR_NAMESPACES):
-            raise FUSEError(errno.EOPNOTSUPP)
+        _check_xattr_namespace(name)
         if name.startswith(b"user.") and not (stat.S_ISREG(inode.mode) or stat.S_ISDIR(inode.mode)):
             raise FUSEError(errno.EPERM)
         return inode
@@ -1073,11 +1081,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def getxattr(self, inode_id: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         inode = self._inode(inode_id)
-        if not name.startswith(_XATTR_NAMESPACES):
-            # As setxattr says, and as ext4 mounted without ACLs answers for
-            # system.posix_acl_*: coreutils then stops asking for the device
-            # (ls -l asks for the ACL of every entry otherwise).
-            raise FUSEError(errno.EOPNOTSUPP)
+        _check_xattr_namespace(name)
         if self._surely_without_xattrs(inode.id):
             raise FUSEError(pyfuse3.ENOATTR)
         name_ct = self.names.encrypt_xattr_name(inode.id, name)

@@ -320,14 +320,15 @@ class Hsm:
         if self._session is None:
             return
         try:
-            key = self._key(key_label)
-            if self._armed != key:
-                self._disarm()
-                self._sign_init(key)
+            self._sign_init(self._key(key_label))
         except (_TokenGone, HsmError, KeyNotFound) as e:
             log.debug("HSM: could not start a derivation ahead: %s", e)
 
     def _sign_init(self, key: int) -> None:
+        """Have a sign operation with `key` active: the armed one, or a new one."""
+        if self._armed == key:
+            return
+        self._disarm()
         mechanism = _Mechanism(_CKM_SHA256_HMAC, None, 0)
         self._module.check("C_SignInit", self._session, ctypes.byref(mechanism), key)
         self._armed = key
@@ -344,10 +345,7 @@ class Hsm:
                 log.debug("HSM: finishing the armed operation: %s", e)
 
     def _derive_once(self, key_label: str, info: bytes, out: Secret) -> None:
-        key = self._key(key_label)
-        if self._armed != key:
-            self._disarm()
-            self._sign_init(key)
+        self._sign_init(self._key(key_label))
         self._armed = None  # C_Sign ends the operation, whatever it returns
         self._sign(info + b"\x01", out)
 
