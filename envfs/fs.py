@@ -317,7 +317,7 @@ class Operations(pyfuse3.Operations):
         self._free_space_early(inode)
         if inode_id in self._lookups:
             return
-        delete_inode(self.store, self.md, inode)
+        delete_inode(self.store, self.md, inode, xattrs=not self._surely_without_xattrs(inode.id))
         self._uncache(inode_id)
 
     def _free_space_early(self, inode: Inode) -> None:
@@ -376,13 +376,6 @@ class Operations(pyfuse3.Operations):
     def _child(self, parent: int, name_ct: bytes) -> Inode | None:
         found = self.md.lookup_with_inode(parent, name_ct, self._inodes)
         return None if found is None else self._keep(found[1], parent)
-
-    def _unused_name(self, parent: Inode, name: bytes) -> bytes:
-        """The encrypted form of a name that `parent` does not hold yet (else EEXIST)."""
-        name_ct = self._encrypt_name(parent.id, name)
-        if self.md.lookup(parent.id, name_ct) is not None:
-            raise FUSEError(errno.EEXIST)
-        return name_ct
 
     def _keep(self, inode: Inode | None, parent: int) -> Inode:
         """An inode fetched with its entry in `parent`, kept as the one object for its id."""
@@ -517,7 +510,11 @@ class Operations(pyfuse3.Operations):
         self, parent: Inode, name_ct: bytes, mode: int, ctx: pyfuse3.RequestContext, rdev: int = 0, size: int = 0,
         inode_id: int | None = None,
     ) -> Inode:  # fmt: skip
-        """A new inode under the unused (encrypted) name `name_ct` of `parent`."""
+        """A new inode under the (encrypted) name `name_ct` of `parent`; EEXIST if it is taken."""
+        if inode_id is None:
+            inode_id = self.md.allocate_inode_id()
+        if not self.md.add_entry(parent.id, name_ct, inode_id):
+            raise FUSEError(errno.EEXIST)
         now = _now()
         gid = ctx.gid
         if parent.mode & stat.S_ISGID:
@@ -531,7 +528,6 @@ class Operations(pyfuse3.Operations):
             atime_ns=now, mtime_ns=now, ctime_ns=now, key_version=self.keys.superblock.current_key_version,
             key_epoch=0, block_writes=0,
         )  # fmt: skip
-        self.md.add_entry(parent.id, name_ct, inode.id)
         if stat.S_ISDIR(mode):
             parent.nlink += 1
         self._touch_dir(parent, now)
@@ -548,7 +544,7 @@ class Operations(pyfuse3.Operations):
             mode |= stat.S_IFREG
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise FUSEError(errno.EINVAL)
-        name_ct = self._unused_name(parent, name)
+        name_ct = self._encrypt_name(parent.id, name)
         with self.md.transaction():
             inode = self._new_inode(parent, name_ct, mode, ctx, rdev=rdev)
         return self._lookup_ref(inode)
@@ -558,7 +554,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
-        name_ct = self._unused_name(parent, name)
+        name_ct = self._encrypt_name(parent.id, name)
         with self.md.transaction():
             inode = self._new_inode(parent, name_ct, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
         return self._lookup_ref(inode)
@@ -570,7 +566,7 @@ class Operations(pyfuse3.Operations):
         parent = self._dir(parent_inode)
         if len(target) > SYMLINK_MAX:
             raise FUSEError(errno.ENAMETOOLONG)
-        name_ct = self._unused_name(parent, name)
+        name_ct = self._encrypt_name(parent.id, name)
         with self.md.transaction():
             inode = self._new_inode(parent, name_ct, stat.S_IFLNK | 0o777, ctx, size=len(target))
             self.md.set_symlink(inode.id, self.names.encrypt_target(inode.id, target))
@@ -592,20 +588,20 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._dir(parent_inode)
         name_ct = self._encrypt_name(parent.id, name)
-        existing = self._child(parent.id, name_ct)
-        if existing is not None:
-            # Another process created the name after the kernel's lookup: O_CREAT
-            # without O_EXCL opens what is there, as on a local filesystem.
-            if flags & os.O_EXCL:
-                raise FUSEError(errno.EEXIST)
+        inode_id = self._next_file_id or self.md.allocate_inode_id()
+        try:
+            with self.md.transaction():
+                inode = self._new_inode(parent, name_ct, stat.S_IFREG | stat.S_IMODE(mode), ctx, inode_id=inode_id)
+        except FUSEError as e:
+            existing = self._child(parent.id, name_ct) if e.errno == errno.EEXIST else None
+            if existing is None or flags & os.O_EXCL:
+                raise
+            # The name appeared after the kernel's lookup: O_CREAT without O_EXCL
+            # opens what is there, as on a local filesystem.
             if stat.S_ISDIR(existing.mode):
-                raise FUSEError(errno.EISDIR)
+                raise FUSEError(errno.EISDIR) from None
             info = await self.open(existing.id, flags, ctx)
             return info, self._lookup_ref(existing)
-        inode_id = self._next_file_id or self.md.allocate_inode_id()
-        with self.md.transaction():
-            # The lookup above found no entry, and nothing runs between it and here.
-            inode = self._new_inode(parent, name_ct, stat.S_IFREG | stat.S_IMODE(mode), ctx, inode_id=inode_id)
         self._next_file_id = None
         attrs = self._lookup_ref(inode)
         info = self._open_handle(inode, flags)
@@ -627,10 +623,9 @@ class Operations(pyfuse3.Operations):
         if inode.nlink == 0:
             raise FUSEError(errno.ENOENT)
         with self.md.transaction():
-            if self.md.lookup(parent.id, name_ct) is not None:
+            if not self.md.add_entry(parent.id, name_ct, inode.id):
                 raise FUSEError(errno.EEXIST)
             now = _now()
-            self.md.add_entry(parent.id, name_ct, inode.id)
             inode.nlink += 1
             inode.ctime_ns = now
             self._save(inode)
@@ -651,17 +646,16 @@ class Operations(pyfuse3.Operations):
         """unlink (a non-directory) or rmdir (an empty directory)."""
         parent = self._dir(parent_inode)
         name_ct = self._encrypt_name(parent.id, name)
-        entry = self.md.lookup(parent.id, name_ct)
-        if entry is None:
-            raise FUSEError(errno.ENOENT)
-        inode = self._inode(entry.inode)
-        if stat.S_ISDIR(inode.mode) != directory:
-            raise FUSEError(errno.ENOTDIR if directory else errno.EISDIR)
-        if directory and self.md.has_entries(inode.id):
-            raise FUSEError(errno.ENOTEMPTY)
         now = _now()
         with self.md.transaction():
-            self.md.remove_entry(parent.id, name_ct)
+            entry = self.md.remove_entry(parent.id, name_ct)
+            if entry is None:
+                raise FUSEError(errno.ENOENT)
+            inode = self._inode(entry.inode)
+            if stat.S_ISDIR(inode.mode) != directory:
+                raise FUSEError(errno.ENOTDIR if directory else errno.EISDIR)
+            if directory and self.md.has_entries(inode.id):
+                raise FUSEError(errno.ENOTEMPTY)
             self._drop_link(inode, now)
             if directory:
                 parent.nlink -= 1
@@ -732,7 +726,8 @@ class Operations(pyfuse3.Operations):
                 if stat.S_ISDIR(target.mode):
                     new_parent.nlink -= 1
             self.md.remove_entry(old_parent.id, old_ct)
-            self.md.add_entry(new_parent.id, new_ct, source.id)
+            if not self.md.add_entry(new_parent.id, new_ct, source.id):
+                raise RuntimeError(f"directory {new_parent.id}: the rename target appeared during the rename")
             if stat.S_ISDIR(source.mode) and old_parent.id != new_parent.id:
                 old_parent.nlink -= 1
                 new_parent.nlink += 1
@@ -1137,8 +1132,9 @@ class Operations(pyfuse3.Operations):
         self._inodes.clear()
 
 
-def delete_inode(store: Store, metadata: Metadata, inode: Inode) -> None:
-    """Remove an unlinked inode's rows, and its data file once that is committed."""
-    metadata.delete_inode(inode.id)
+def delete_inode(store: Store, metadata: Metadata, inode: Inode, *, xattrs: bool = True) -> None:
+    """Remove an unlinked inode's rows, and its data file once that is committed;
+    `xattrs` False: the caller knows the inode has none."""
+    metadata.delete_inode(inode.id, symlink=stat.S_ISLNK(inode.mode), xattrs=xattrs)
     if stat.S_ISREG(inode.mode):
         metadata.after_commit(functools.partial(store.remove_data_file, inode.id, inode.key_version, inode.key_epoch))

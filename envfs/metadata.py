@@ -16,6 +16,7 @@ While mounted, changes are grouped into one transaction per ~0.1 s
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import sqlite3
 import stat
@@ -148,6 +149,10 @@ class Inode:
 _INODE_COLUMNS = [f.name for f in fields(Inode)]
 _INODE_PACK = struct.Struct(">QIIIQQqqqqIIQ")
 _DENTRY_PREFIX = struct.Struct(">QQ")
+_INODE_MAC_PREFIX = b"envfs inode v1\x00"
+_DENTRY_MAC_PREFIX = b"envfs dentry v1\x00"
+# An inode's column values in _INODE_COLUMNS order, as one tuple.
+_inode_values = operator.attrgetter(*_INODE_COLUMNS)
 
 
 # Queries of `Metadata.next_file`: where an inode is listed (its first entry,
@@ -196,6 +201,10 @@ class Metadata:
 
     def __init__(self, path: str | os.PathLike[str], mac: hmac.HMAC, *, create: bool = False) -> None:
         self._mac = mac
+        # The keyed context with each row kind's fixed prefix already hashed in:
+        # a row's MAC then costs one copy, one update and the finish.
+        self._inode_mac = self._prefixed(_INODE_MAC_PREFIX)
+        self._dentry_mac = self._prefixed(_DENTRY_MAC_PREFIX)
         self._depth = 0
         self._grouping = False
         self._group_open = False
@@ -226,7 +235,8 @@ class Metadata:
 
     def close(self) -> None:
         self.db.close()
-        self._mac = None  # type: ignore[assignment]  # the keyed HMAC context goes with the database
+        # The keyed HMAC contexts go with the database.
+        self._mac = self._inode_mac = self._dentry_mac = None  # type: ignore[assignment]
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -352,17 +362,20 @@ class Metadata:
 
     # -- MACs --------------------------------------------------------------
 
-    def _hmac(self, *parts: bytes) -> bytes:
+    def _prefixed(self, prefix: bytes) -> hmac.HMAC:
         h = self._mac.copy()
-        for part in parts:
-            h.update(part)
-        return h.finalize()
+        h.update(prefix)
+        return h
 
     def inode_mac(self, inode: Inode) -> bytes:
-        return self._hmac(b"envfs inode v1\x00", _INODE_PACK.pack(*(getattr(inode, c) for c in _INODE_COLUMNS)))
+        h = self._inode_mac.copy()
+        h.update(_INODE_PACK.pack(*_inode_values(inode)))
+        return h.finalize()
 
     def dentry_mac(self, parent: int, inode: int, name: bytes) -> bytes:
-        return self._hmac(b"envfs dentry v1\x00", _DENTRY_PREFIX.pack(parent, inode), name)
+        h = self._dentry_mac.copy()
+        h.update(_DENTRY_PREFIX.pack(parent, inode) + name)
+        return h.finalize()
 
     # -- inodes ------------------------------------------------------------
 
@@ -399,18 +412,21 @@ class Metadata:
         inode = Inode(id=self.allocate_inode_id() if inode_id is None else inode_id, **values)
         self._change(
             f"INSERT INTO inodes ({', '.join(_INODE_COLUMNS)}, mac) VALUES ({', '.join('?' * len(_INODE_COLUMNS))}, ?)",
-            (*(getattr(inode, c) for c in _INODE_COLUMNS), self.inode_mac(inode)),
+            (*_inode_values(inode), self.inode_mac(inode)),
         )
         return inode
 
     def save_inode(self, inode: Inode) -> None:
-        self._change(_SAVE_INODE, (*(getattr(inode, c) for c in _INODE_COLUMNS[1:]), self.inode_mac(inode), inode.id))
+        self._change(_SAVE_INODE, (*_inode_values(inode)[1:], self.inode_mac(inode), inode.id))
 
-    def delete_inode(self, inode_id: int) -> None:
+    def delete_inode(self, inode_id: int, *, symlink: bool = True, xattrs: bool = True) -> None:
+        """Delete an inode's rows; `symlink` or `xattrs` False: the caller knows it has none of those."""
         with self.transaction():
             self._change("DELETE FROM inodes WHERE id=?", (inode_id,))
-            self._change("DELETE FROM symlinks WHERE inode=?", (inode_id,))
-            self._change("DELETE FROM xattrs WHERE inode=?", (inode_id,))
+            if symlink:
+                self._change("DELETE FROM symlinks WHERE inode=?", (inode_id,))
+            if xattrs:
+                self._change("DELETE FROM xattrs WHERE inode=?", (inode_id,))
 
     def orphans(self) -> list[int]:
         return [row[0] for row in self.db.execute("SELECT id FROM inodes WHERE nlink=0")]
@@ -504,14 +520,28 @@ class Metadata:
     def has_entries(self, parent: int) -> bool:
         return self.db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (parent,)).fetchone() is not None
 
-    def add_entry(self, parent: int, name: bytes, inode: int) -> None:
-        self._change(
-            "INSERT INTO dentries (parent, name, inode, mac) VALUES (?, ?, ?, ?)",
+    def add_entry(self, parent: int, name: bytes, inode: int) -> bool:
+        """Add an entry; False, and nothing added, if `parent` holds the name already.
+
+        The unique index answers whether the name is taken, so that creating
+        a name costs no query before the insert.
+        """
+        cursor = self._change(
+            "INSERT OR IGNORE INTO dentries (parent, name, inode, mac) VALUES (?, ?, ?, ?)",
             (parent, name, inode, self.dentry_mac(parent, inode, name)),
         )
+        return cursor.rowcount == 1
 
-    def remove_entry(self, parent: int, name: bytes) -> None:
-        self._change("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+    def remove_entry(self, parent: int, name: bytes) -> Dentry | None:
+        """Remove an entry and return it (authenticated), or None if there is none.
+
+        One statement finds and deletes it; a caller that then finds the removal
+        not allowed raises inside its transaction, which puts the row back.
+        """
+        rows = self._change(
+            "DELETE FROM dentries WHERE parent=? AND name=? RETURNING id, parent, name, inode, mac", (parent, name)
+        ).fetchall()
+        return self._dentry(rows[0]) if rows else None
 
     def repoint_entry(self, parent: int, name: bytes, inode: int) -> None:
         """Make an existing entry name another inode (rename over, exchange)."""
