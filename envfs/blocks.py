@@ -26,6 +26,8 @@ TAG_SIZE = 16
 BLOCK_OVERHEAD = NONCE_SIZE + TAG_SIZE
 SLOT_SIZE = BLOCK_SIZE + BLOCK_OVERHEAD
 AAD_VERSION = 1
+# The largest plaintext size whose data file length fits in an off_t.
+MAX_FILE_SIZE = (2**63 - 1) // SLOT_SIZE * BLOCK_SIZE
 
 _ZERO_SLOT = bytes(SLOT_SIZE)
 _ZERO_NONCE = bytes(NONCE_SIZE)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from .blocks import BLOCK_SIZE, SLOT_SIZE
+from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE
 from .datafile import DataFile
 from .errors import CorruptStore, EnvfsError, IntegrityError
 from .keys import KeyRing
@@ -118,6 +118,13 @@ def _check_xattr_namespace(name: bytes) -> None:
     asks for the ACL of every entry otherwise)."""
     if not name.startswith(_XATTR_NAMESPACES):
         raise FUSEError(errno.EOPNOTSUPP)
+
+
+def _check_file_size(size: int) -> None:
+    """EFBIG for a file size beyond what a data file can hold, as ext4 answers
+    beyond its own limit."""
+    if size > MAX_FILE_SIZE:
+        raise FUSEError(errno.EFBIG)
 
 
 def _negative_entry() -> pyfuse3.EntryAttributes:
@@ -465,6 +472,7 @@ class Operations(pyfuse3.Operations):
         return self._attrs(inode)
 
     def _truncate(self, inode: Inode, size: int, now: int) -> None:
+        _check_file_size(size)
         self._ensure_nonce_budget(inode, 1)
         data, temporary = self._data(inode)
         try:
@@ -867,6 +875,7 @@ class Operations(pyfuse3.Operations):
             handle, inode, open_file = self._handle(fh)
             if handle.flags & os.O_APPEND:
                 off = inode.size
+            _check_file_size(off + len(buf))
             # A write touches at most len/4096 + 2 blocks, plus the old last block it pads.
             self._ensure_nonce_budget(inode, len(buf) // 4096 + 3)
             new_size, writes = open_file.data.write(off, memoryview(buf), inode.size)
@@ -964,6 +973,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EINVAL)
         _, inode, open_file = self._handle(fh)
         end = offset + length
+        _check_file_size(end)
         if not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
             self._truncate(inode, end, _now())
         data = open_file.data

@@ -77,6 +77,28 @@ def test_truncate_grow_shrink(mounted: Path) -> None:
     assert path.read_bytes() == data[:4096] + bytes(9000 - 4096) + b"end"
 
 
+def test_size_beyond_the_limit_is_efbig(mounted: Path) -> None:
+    """A size whose data file would not fit in an off_t (below the kernel's own limit of
+    2**63 - 1) fails with EFBIG, as ext4 answers beyond its limit, and changes nothing."""
+    path = mounted / "f"
+    path.write_bytes(b"abc")
+    too_big = 2**63 - 4096
+    with pytest.raises(OSError) as e:
+        os.truncate(path, too_big)
+    assert e.value.errno == errno.EFBIG
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"x", too_big)
+        assert e.value.errno == errno.EFBIG
+        with pytest.raises(OSError) as e:
+            os.posix_fallocate(fd, too_big, 4096)
+        assert e.value.errno == errno.EFBIG
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"abc"
+
+
 def test_sparse_terabyte_is_instant_and_small(store: Envfs) -> None:
     store.mount()
     path = store.mnt / "sparse"
