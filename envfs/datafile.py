@@ -17,6 +17,8 @@ buffers they pass in.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 
 from .blocks import (
@@ -52,6 +54,26 @@ class _SlotBuffer:
 
 
 _slots = _SlotBuffer()
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+# Python's os module has posix_fallocate but not fallocate(2), which punches holes.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def _zero_bytes_of(fd: int, start: int, length: int) -> None:
+    """Zero a byte range of a file, giving its space back where the filesystem
+    can punch holes, writing zeros where it cannot."""
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, length) == 0:
+        return
+    error = ctypes.get_errno()
+    if error not in (errno.EOPNOTSUPP, errno.ENOSYS):
+        raise OSError(error, os.strerror(error))
+    zeros = bytes(min(length, 1 << 20))
+    while length:
+        written = os.pwrite(fd, zeros[:length], start)
+        start, length = start + written, length - written
 
 
 class DataFile:
@@ -199,6 +221,32 @@ class DataFile:
         os.pwrite(self.fd, out_view[:length], start)
         self.length = max(self.length, start + length)
         return new_size, writes
+
+    def zero_range(self, offset: int, end: int, size: int) -> int:
+        """Make plaintext [offset, end) of a file of `size` bytes read as zeros;
+        return the number of blocks encrypted.
+
+        Blocks the range covers whole become holes (all-zero slots, FORMAT.md
+        4.5), so their backing space can be given back; a block it covers in
+        part is rewritten with zeros in that part. The last block counts as
+        covered whole when the range reaches the end of the file.
+        """
+        end = min(end, size)
+        if offset >= end:
+            return 0
+        first_whole = -(-offset // BLOCK_SIZE)
+        stop_whole = block_count(size) if end == size else end // BLOCK_SIZE
+        writes = 0
+        if first_whole > stop_whole:  # inside one block
+            return self.write(offset, memoryview(bytes(end - offset)), size)[1]
+        if offset < first_whole * BLOCK_SIZE:
+            writes += self.write(offset, memoryview(bytes(first_whole * BLOCK_SIZE - offset)), size)[1]
+        if stop_whole * BLOCK_SIZE < end:
+            writes += self.write(stop_whole * BLOCK_SIZE, memoryview(bytes(end - stop_whole * BLOCK_SIZE)), size)[1]
+        start, stop = first_whole * SLOT_SIZE, min(stop_whole * SLOT_SIZE, self.length)
+        if stop > start:
+            _zero_bytes_of(self.fd, start, stop - start)
+        return writes
 
     def _whole(self, index: int, offset: int, end: int, new_size: int) -> bool:
         """Whether the write covers block `index` whole, as it is to be stored."""

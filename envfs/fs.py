@@ -27,7 +27,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE
-from .datafile import DataFile
+from .datafile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, DataFile
 from .errors import CorruptStore, EnvfsError, IntegrityError
 from .keys import KeyRing
 from .metadata import ROOT_INODE, Inode, Metadata, NextFile, WalkPosition
@@ -37,7 +37,7 @@ from .store import RESERVE_BYTES, Store
 
 log = logging.getLogger(__name__)
 
-FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_ZERO_RANGE = 0x10
 SYMLINK_MAX = 4095  # PATH_MAX - 1, as the kernel allows
 # Every change reaches the store through this mount's kernel, which updates or
 # drops what it cached as it forwards the change (the store is locked to one
@@ -966,14 +966,25 @@ class Operations(pyfuse3.Operations):
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """Modes 0 and FALLOC_FL_KEEP_SIZE: the range reads as zeros, and its
         ciphertext slots get backing space, so later writes there do not fail
-        for lack of it. Punching holes and the other modes are not supported."""
-        if mode & ~FALLOC_FL_KEEP_SIZE:
+        for lack of it. FALLOC_FL_PUNCH_HOLE (with KEEP_SIZE, as the kernel
+        demands): the range reads as zeros and the blocks it covers whole give
+        their backing space back. FALLOC_FL_ZERO_RANGE: zeros, then as mode 0.
+        Collapsing and inserting ranges are not supported."""
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             raise FUSEError(errno.EOPNOTSUPP)
         if offset < 0 or length <= 0:
             raise FUSEError(errno.EINVAL)
         _, inode, open_file = self._handle(fh)
         end = offset + length
         _check_file_size(end)
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and offset < inode.size:
+            # A zeroed block in part is re-encrypted: at most the first and the last.
+            self._ensure_nonce_budget(inode, 2)
+            inode.block_writes += open_file.data.zero_range(offset, end, inode.size)
+            inode.mtime_ns = inode.ctime_ns = _now()
+            self._save(inode)
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            return
         if not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
             self._truncate(inode, end, _now())
         data = open_file.data

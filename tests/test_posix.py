@@ -528,6 +528,52 @@ def test_fallocate(mounted: Path) -> None:
     assert os.stat(mounted / "f2").st_size == 3 << 20
     result = subprocess.run(["fallocate", "--keep-size", "-o", "0", "-l", "8M", str(path)], capture_output=True)
     assert result.returncode == 0 and os.stat(path).st_size == 1 << 20
-    result = subprocess.run(["fallocate", "--punch-hole", "-o", "0", "-l", "4096", str(path)], capture_output=True)
+    result = subprocess.run(["fallocate", "--collapse-range", "-o", "0", "-l", "4096", str(path)], capture_output=True)
     assert result.returncode != 0  # not supported: EOPNOTSUPP, and the file is unchanged
     assert path.read_bytes() == b"head" + bytes((1 << 20) - 8) + b"tail"
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
+def test_punch_hole_and_zero_range(store: Envfs) -> None:
+    """Punched and zeroed ranges read as zeros, at any alignment and to the end of the file;
+    whole blocks punched give their space back; the rest of the file is untouched, also
+    after a remount."""
+    store.mount()
+    path = store.mnt / "f"
+    model = bytearray(os.urandom(300 * 4096 + 1000))
+    path.write_bytes(model)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        blocks_before = os.fstat(fd).st_blocks
+        ranges = [
+            (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 100, 10),  # inside one block
+            (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 5000, 3 * 4096),  # partial, whole, partial
+            (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 8 * 4096, 256 * 4096),  # aligned, 1 MiB
+            (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 299 * 4096 + 7, 1 << 20),  # past the end
+            (FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 270 * 4096 - 3, 4102),
+        ]
+        for mode, offset, length in ranges:
+            _fallocate(fd, mode, offset, length)
+            end = min(offset + length, len(model))
+            model[offset:end] = bytes(end - offset)
+            assert os.fstat(fd).st_size == len(model)
+            assert os.pread(fd, len(model) + 10, 0) == model
+        assert os.fstat(fd).st_blocks < blocks_before - 2000  # 1 MiB and more punched
+        _fallocate(fd, FALLOC_FL_ZERO_RANGE, len(model) - 10, 4106)  # without KEEP_SIZE: grows
+        model[-10:] = bytes(10)
+        model += bytes(4096)
+        assert os.fstat(fd).st_size == len(model)
+    finally:
+        os.close(fd)
+    store.remount()
+    assert (store.mnt / "f").read_bytes() == model
