@@ -62,17 +62,28 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
+def _fallocate(fd: int, mode: int, start: int, length: int) -> bool:
+    """fallocate(2); False where the filesystem does not support `mode`."""
+    if _libc.fallocate(fd, mode, start, length) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(error, os.strerror(error))
+
+
+def _no_space() -> int:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def _zero_bytes_of(fd: int, start: int, length: int) -> None:
     """Zero a byte range of a file, giving its space back where the filesystem
     can punch holes, writing zeros where it cannot."""
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, length) == 0:
+    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, length):
         return
-    error = ctypes.get_errno()
-    if error not in (errno.EOPNOTSUPP, errno.ENOSYS):
-        raise OSError(error, os.strerror(error))
     zeros = bytes(min(length, 1 << 20))
     while length:
-        written = os.pwrite(fd, zeros[:length], start)
+        written = os.pwrite(fd, zeros[:length], start) or _no_space()
         start, length = start + written, length - written
 
 
@@ -217,9 +228,7 @@ class DataFile:
         finally:
             zero_buffer(self._scratch)
         writes += last - first + 1
-        start = first * SLOT_SIZE
-        os.pwrite(self.fd, out_view[:length], start)
-        self.length = max(self.length, start + length)
+        self._store(out_view[:length], first * SLOT_SIZE)
         return new_size, writes
 
     def zero_range(self, offset: int, end: int, size: int) -> int:
@@ -247,6 +256,24 @@ class DataFile:
         if stop > start:
             _zero_bytes_of(self.fd, start, stop - start)
         return writes
+
+    def _store(self, slots: memoryview, start: int) -> None:
+        """Write `slots` at `start`, all of them or raise (ENOSPC: the disk is full).
+
+        Where the write replaces stored bytes, it gets its backing space first:
+        a disk that fills up then fails the write before any byte of a block
+        that was there is overwritten (a block half old, half new would fail
+        authentication for good). A write past the end may stop short
+        harmlessly: the size on record does not reach what it wrote.
+        """
+        if start < self.length:
+            _fallocate(self.fd, FALLOC_FL_KEEP_SIZE, start, len(slots))  # where unsupported, no better way
+        written = 0
+        try:
+            while written < len(slots):
+                written += os.pwrite(self.fd, slots[written:], start + written) or _no_space()
+        finally:
+            self.length = max(self.length, start + written)
 
     def _whole(self, index: int, offset: int, end: int, new_size: int) -> bool:
         """Whether the write covers block `index` whole, as it is to be stored."""
@@ -293,8 +320,7 @@ class DataFile:
             self.cipher.encrypt_into(index, scratch, memoryview(out))
         finally:
             zero_buffer(self._scratch)
-        os.pwrite(self.fd, out, start)
-        self.length = max(self.length, start + SLOT_SIZE)
+        self._store(memoryview(out), start)
         return 1
 
     def truncate(self, size: int, new_size: int) -> int:
@@ -327,8 +353,7 @@ class DataFile:
             self.cipher.encrypt_into(index, scratch, memoryview(out))
         finally:
             zero_buffer(self._scratch)
-        os.pwrite(self.fd, out, index * SLOT_SIZE)
-        self.length = max(self.length, (index + 1) * SLOT_SIZE)
+        self._store(memoryview(out), index * SLOT_SIZE)
         return 1
 
     def copy_to(self, other: DataFile, size: int) -> int:
@@ -345,7 +370,7 @@ class DataFile:
                     continue
                 self._read_block(index, size, scratch)
                 length = other.cipher.encrypt_into(index, scratch[:n], memoryview(out))
-                os.pwrite(other.fd, memoryview(out)[:length], index * SLOT_SIZE)
+                other._store(memoryview(out)[:length], index * SLOT_SIZE)
                 writes += 1
         finally:
             zero_buffer(self._scratch)

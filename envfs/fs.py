@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE
+from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE, max_data_length
 from .datafile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, DataFile
 from .errors import CorruptStore, EnvfsError, IntegrityError
 from .keys import KeyRing
@@ -48,6 +48,10 @@ ENTRY_TIMEOUT = 60.0
 _RELATIME_WINDOW_NS = 24 * 3600 * 10**9
 # Below this much free space on the backing filesystem, every request commits.
 LOW_SPACE_BYTES = 4 * RESERVE_BYTES
+# Data files may not take the backing filesystem's last this many bytes: the
+# metadata must always have room to record what was acknowledged, and unlink
+# room to free space.
+METADATA_ROOM = RESERVE_BYTES
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 # A key derived ahead (of a create, of an open in listing order) is wiped when
 # unused for this long: an idle mount holds no key of a file nobody opened.
@@ -86,6 +90,10 @@ def handler(method: F | None = None, *, frees_space: bool = False) -> Any:
                     if attempt == 1 and frees_space and code == errno.ENOSPC and self.store.release_reserve():
                         log.warning("%s: out of space; released the store's reserve and retrying", method.__name__)
                         continue
+                    if code in (errno.ENOSPC, errno.EDQUOT):
+                        # What earlier requests were told is done must not wait for a
+                        # timer commit that may find even less room.
+                        self.commit_if_due(now=True)
                     raise FUSEError(code) from None
 
         return wrapper  # type: ignore[return-value]
@@ -185,6 +193,8 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._low_space = False
+        # How much data files may still grow before free space is looked up again.
+        self._room = 0
         # The id, allocated in advance, of the next file `create` makes; its
         # key is being prefetched.
         self._next_file_id: int | None = None
@@ -876,6 +886,7 @@ class Operations(pyfuse3.Operations):
             if handle.flags & os.O_APPEND:
                 off = inode.size
             _check_file_size(off + len(buf))
+            self._claim_room(max_data_length(off + len(buf)) - open_file.data.length)
             # A write touches at most len/4096 + 2 blocks, plus the old last block it pads.
             self._ensure_nonce_budget(inode, len(buf) // 4096 + 3)
             new_size, writes = open_file.data.write(off, memoryview(buf), inode.size)
@@ -886,6 +897,19 @@ class Operations(pyfuse3.Operations):
             return len(buf)
         finally:
             zero_bytes(buf)
+
+    def _claim_room(self, growth: int) -> None:
+        """ENOSPC for data that would leave the backing filesystem less than
+        METADATA_ROOM free; free space is looked up only when the room counted
+        since the last look runs out."""
+        if growth <= 0:
+            return
+        self._room -= growth
+        if self._room < 0:
+            self._room = self.store.free_bytes() - METADATA_ROOM - growth
+            if self._room < 0:
+                self._room = 0
+                raise OSError(errno.ENOSPC, "no space left on the backing filesystem beyond the metadata's room")
 
     def _ensure_nonce_budget(self, inode: Inode, blocks: int) -> None:
         """Re-key the file (a new key epoch) before its nonce bound is reached."""
@@ -991,6 +1015,7 @@ class Operations(pyfuse3.Operations):
         start = offset // BLOCK_SIZE * SLOT_SIZE
         stop = min(data.length, -(-end // BLOCK_SIZE) * SLOT_SIZE)
         if stop > start:
+            self._claim_room(stop - start)
             os.posix_fallocate(data.fd, start, stop - start)
 
     @handler

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from .hsm import Hsm
 from .keys import KeyRing
 from .metadata import GROUP_SECONDS, Metadata
 from .secret import harden_process
-from .store import Store, StoreLock, Superblock
+from .store import RESERVE_BYTES, Store, StoreLock, Superblock
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +192,14 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
             keys.verify()
             metadata = Metadata(store.metadata_path, keys.metadata_mac())
             stack.callback(metadata.close)
-            recover(store, metadata)
-            metadata.set_setting("mounted", 1)
-            metadata.sync()
+            if store.free_bytes() < RESERVE_BYTES:
+                store.release_reserve()  # a full disk: the reserve is there for this
+            try:
+                recover(store, metadata)
+                metadata.set_setting("mounted", 1)
+                metadata.sync()
+            except sqlite3.Error as e:
+                raise MountFailed(f"{store.metadata_path}: cannot record the mount: {e}") from e
             metadata.group_commits()
             names = keys.name_cipher()
             # One pending wake-up is enough: the task does all that is waiting.
@@ -217,6 +223,7 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         except EnvfsError as e:
             ready(e)
             return
+        # Unmounted from outside (umount, fusermount3 -u): nothing left to unmount.
         clean = False
 
         def finish() -> None:
@@ -228,19 +235,23 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         stack.callback(finish)
         log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
         ready(None)
-        trio.run(_main, after_reply_receive, lambda: _housekeeping(store, lock, operations), operations, mountpoint)
-        clean = True
+        signals: list[int] = []
+        trio.run(
+            _main, after_reply_receive, lambda: _housekeeping(store, lock, operations), operations, mountpoint, signals
+        )
+        # A signal ends the session with the filesystem still mounted.
+        clean = not signals
         log.info("unmounted %s", mountpoint)
 
 
 async def _main(
     after_reply: trio.MemoryReceiveChannel[None], housekeeping: Callable[[], None], operations: Operations,
-    mountpoint: str,
+    mountpoint: str, signals: list[int],
 ) -> None:  # fmt: skip
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_widen_readahead, mountpoint)
         nursery.start_soon(_run_after_replies, after_reply, operations)
-        nursery.start_soon(_terminate_on_signals)
+        nursery.start_soon(_terminate_on_signals, signals)
         nursery.start_soon(_every_second, housekeeping)
         nursery.start_soon(_group_commits, operations)
         # Handlers never wait (fs.py), so a second worker task could only take
@@ -286,10 +297,12 @@ async def _run_after_replies(wakeups: trio.MemoryReceiveChannel[None], operation
         operations.replies_sent()
 
 
-async def _terminate_on_signals() -> None:
+async def _terminate_on_signals(received: list[int]) -> None:
+    """End the session on SIGTERM, SIGINT or SIGHUP, noting the signal in `received`."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
+            received.append(signum)
             pyfuse3.terminate()
 
 

@@ -584,6 +584,20 @@ def test_unmount_ends_the_daemon_cleanly(store: Envfs, how: str) -> None:
     assert "not unmounted cleanly" not in store.log_text()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_terminating_signal_unmounts(store: Envfs, signum: int) -> None:
+    """SIGTERM, SIGINT or SIGHUP to the daemon unmounts, as `envfs unmount` does: no dead
+    mount is left behind, and what was written is there at the next mount."""
+    mount(store)
+    (store.mnt / "kept").write_bytes(b"kept")
+    pid = store.daemon_pid()
+    os.kill(pid, signum)
+    wait_until(lambda: process_gone(pid), "the signalled daemon to exit")
+    assert str(store.mnt) not in envfs_mounts()
+    mount(store)
+    assert (store.mnt / "kept").read_bytes() == b"kept"
+
+
 def test_sigkill_leaves_nothing_and_next_mount_works(store: Envfs) -> None:
     mount(store)
     data = os.urandom(20_000)

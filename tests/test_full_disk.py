@@ -70,3 +70,80 @@ def test_full_disk_gives_enospc_and_loses_nothing(small_store: Envfs) -> None:
     for name in os.listdir(mnt / "dir"):
         data = (mnt / "dir" / name).read_bytes()
         assert data in (b"x" * 5000, b""), f"{name}: {len(data)} bytes"
+
+
+def _fill_outside(path: Path) -> None:
+    """Fill the backing filesystem from outside envfs, as another program on the disk would."""
+    chunk = bytes(1 << 16)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    with open(path, "ab", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 512)  # the last partial page too
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_full_disk_keeps_what_was_acknowledged(small_store: Envfs) -> None:
+    """Files made just before the disk fills, and every byte a write acknowledged, stay,
+    without a commit timer or an fsync; on the full disk, reads and unlink work."""
+    mnt = small_store.mnt
+    (mnt / "small").write_bytes(b"hello\n")
+    (mnt / "d").mkdir()
+    chunk = os.urandom(100_000)  # not block-aligned
+    acknowledged = 0
+    fd = os.open(mnt / "fill", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            acknowledged += os.write(fd, chunk)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    size = os.stat(mnt / "fill").st_size
+    assert size == acknowledged
+    assert (mnt / "small").read_bytes() == b"hello\n"  # a read on the full disk (its atime too)
+    (mnt / "d" / "more").mkdir()  # metadata has room even now
+    small_store.remount()
+    assert (mnt / "small").read_bytes() == b"hello\n"
+    assert (mnt / "d" / "more").is_dir()
+    with open(mnt / "fill", "rb") as f:
+        for offset in range(0, size, len(chunk)):
+            assert f.read(len(chunk)) == chunk[: size - offset]
+    os.unlink(mnt / "fill")
+
+
+def test_disk_filled_from_outside_spares_stored_blocks(small_store: Envfs) -> None:
+    """Another program fills the backing disk: an append that needs space fails with ENOSPC
+    before it overwrites any byte of the file's stored last block, so what was fsynced
+    stays readable, now and after a remount."""
+    mnt = small_store.mnt
+    keep = os.urandom(10_001)  # the last block is short: an append rewrites it
+    fd = os.open(mnt / "keep", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, keep)
+    os.fsync(fd)
+    os.close(fd)
+    filler = small_store.store.parent / "filler"
+    _fill_outside(filler)
+    try:
+        fd = os.open(mnt / "keep", os.O_WRONLY | os.O_APPEND)
+        try:
+            with pytest.raises(OSError) as e:
+                for _ in range(10):
+                    os.write(fd, os.urandom(300_000))
+                    os.fsync(fd)
+            assert e.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        assert (mnt / "keep").read_bytes()[:10_001] == keep
+    finally:
+        filler.unlink()
+    data = (mnt / "keep").read_bytes()
+    assert data[:10_001] == keep
+    small_store.remount()
+    assert (mnt / "keep").read_bytes() == data
