@@ -123,9 +123,18 @@ def _check_xattr_namespace(name: bytes) -> None:
     """EOPNOTSUPP for a name outside the namespaces envfs keeps, for get, set
     and remove alike, as ext4 mounted without ACLs answers for
     system.posix_acl_*: coreutils then stops asking for the device (ls -l
-    asks for the ACL of every entry otherwise)."""
+    asks for the ACL of every entry otherwise). EINVAL for a bare prefix
+    ("user."), as the kernel answers for local filesystems."""
     if not name.startswith(_XATTR_NAMESPACES):
         raise FUSEError(errno.EOPNOTSUPP)
+    if name in _XATTR_NAMESPACES:
+        raise FUSEError(errno.EINVAL)
+
+
+def _clamp_time(ns: int) -> int:
+    """A time stamp as envfs stores it: signed 64-bit nanoseconds (years 1677 to 2262).
+    Times beyond are clamped, as ext4 clamps to the range it can store."""
+    return min(max(ns, -(2**63)), 2**63 - 1)
 
 
 def _check_file_size(size: int) -> None:
@@ -474,10 +483,10 @@ class Operations(pyfuse3.Operations):
         if fields.update_gid:
             inode.gid = attr.st_gid
         if fields.update_atime:
-            inode.atime_ns = attr.st_atime_ns
+            inode.atime_ns = _clamp_time(attr.st_atime_ns)
         if fields.update_mtime:
-            inode.mtime_ns = attr.st_mtime_ns
-        inode.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
+            inode.mtime_ns = _clamp_time(attr.st_mtime_ns)
+        inode.ctime_ns = _clamp_time(attr.st_ctime_ns) if fields.update_ctime else now
         self._save(inode)
         return self._attrs(inode)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import PIN, Envfs, envfs_mounts, process_gone
+from helpers import ENVFS, PIN, Envfs, envfs_mounts, process_gone
 
 from envfs import errors
 
@@ -730,6 +730,20 @@ def test_status(store: Envfs) -> None:
     info = status_json(store, str(store.store))
     assert isinstance(info, dict)
     assert info["mounted"] is False and (info["inodes"], info["files"], info["bytes"]) == (6, 3, total)
+
+
+def test_status_into_a_closed_pipe_ends_quietly(store: Envfs) -> None:
+    """`envfs status | head -1` and the like: the reader is gone, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [*ENVFS, "status", str(store.store)], env=store.env, stdout=write_end, stderr=subprocess.PIPE,
+            text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == ""
 
 
 def test_status_of_all_mounts_survives_a_mount_without_its_store(mounted: Path, envfs: Envfs) -> None:

@@ -385,6 +385,21 @@ def test_chmod_chown_utimens(mounted: Path) -> None:
     assert os.stat(path).st_ctime_ns > before
 
 
+def test_times_beyond_64_bit_nanoseconds_are_clamped(store: Envfs) -> None:
+    """Time stamps outside what a signed 64-bit nanosecond count holds are clamped to it,
+    as ext4 clamps to its own range: the call succeeds, also after a remount."""
+    store.mount()
+    path = store.mnt / "f"
+    path.write_text("x")
+    for seconds, expected_ns in [(2**40, 2**63 - 1), (-(2**40), -(2**63)), (2**34 - 1, 2**63 - 1)]:
+        os.utime(path, (seconds, seconds))
+        st = os.stat(path)
+        assert (st.st_atime_ns, st.st_mtime_ns) == (expected_ns, expected_ns)
+    store.remount()
+    assert os.stat(store.mnt / "f").st_mtime_ns == 2**63 - 1
+    assert (store.mnt / "f").read_text() == "x"
+
+
 def test_xattrs(mounted: Path) -> None:
     path = mounted / "f"
     path.write_text("x")
@@ -420,6 +435,10 @@ def test_xattrs(mounted: Path) -> None:
     assert e.value.errno == errno.EOPNOTSUPP
     getfacl = subprocess.run(["getfacl", "-c", str(path)], capture_output=True, text=True)  # Debian's acl
     assert getfacl.returncode == 0 and "user::rw-" in getfacl.stdout, getfacl.stderr
+    for call in (lambda: os.setxattr(path, "user.", b"v"), lambda: os.getxattr(path, "trusted.")):
+        with pytest.raises(OSError) as e:
+            call()  # a bare namespace prefix names no attribute
+        assert e.value.errno == errno.EINVAL
 
 
 def test_xattrs_after_remount(store: Envfs) -> None:
