@@ -273,7 +273,8 @@ class DataFile:
             while written < len(slots):
                 written += os.pwrite(self.fd, slots[written:], start + written) or _no_space()
         finally:
-            self.length = max(self.length, start + written)
+            if written:
+                self.length = max(self.length, start + written)
 
     def _whole(self, index: int, offset: int, end: int, new_size: int) -> bool:
         """Whether the write covers block `index` whole, as it is to be stored."""

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE, max_data_length
+from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE
 from .datafile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, DataFile
 from .errors import CorruptStore, EnvfsError, IntegrityError
 from .keys import KeyRing
@@ -895,7 +895,9 @@ class Operations(pyfuse3.Operations):
             if handle.flags & os.O_APPEND:
                 off = inode.size
             _check_file_size(off + len(buf))
-            self._claim_room(max_data_length(off + len(buf)) - open_file.data.length)
+            # The slots it writes, as if none were there yet (a block it only changes
+            # may sit in a hole), plus the old last block it may pad.
+            self._claim_room((len(buf) // BLOCK_SIZE + 3) * SLOT_SIZE)
             # A write touches at most len/4096 + 2 blocks, plus the old last block it pads.
             self._ensure_nonce_budget(inode, len(buf) // 4096 + 3)
             new_size, writes = open_file.data.write(off, memoryview(buf), inode.size)
