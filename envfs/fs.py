@@ -673,16 +673,17 @@ class Operations(pyfuse3.Operations):
         """unlink (a non-directory) or rmdir (an empty directory)."""
         parent = self._dir(parent_inode)
         name_ct = self._encrypt_name(parent.id, name)
+        entry = self.md.lookup(parent.id, name_ct)
+        if entry is None:
+            raise FUSEError(errno.ENOENT)
+        inode = self._inode(entry.inode)
+        if stat.S_ISDIR(inode.mode) != directory:
+            raise FUSEError(errno.ENOTDIR if directory else errno.EISDIR)
+        if directory and self.md.has_entries(inode.id):
+            raise FUSEError(errno.ENOTEMPTY)
         now = _now()
         with self.md.transaction():
-            entry = self.md.remove_entry(parent.id, name_ct)
-            if entry is None:
-                raise FUSEError(errno.ENOENT)
-            inode = self._inode(entry.inode)
-            if stat.S_ISDIR(inode.mode) != directory:
-                raise FUSEError(errno.ENOTDIR if directory else errno.EISDIR)
-            if directory and self.md.has_entries(inode.id):
-                raise FUSEError(errno.ENOTEMPTY)
+            self.md.remove_entry(parent.id, name_ct)
             self._drop_link(inode, now)
             if directory:
                 parent.nlink -= 1
