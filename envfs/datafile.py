@@ -276,6 +276,48 @@ class DataFile:
             if written:
                 self.length = max(self.length, start + written)
 
+    def seek_data(self, offset: int, size: int) -> int | None:
+        """The first plaintext offset at or after `offset` in a block that is not a
+        hole, None if there is none before `size`.
+
+        The backing filesystem's holes say where blocks are holes; a block
+        stored as zeros counts as data, as lseek(2) allows.
+        """
+        index = offset // BLOCK_SIZE
+        try:
+            found = os.lseek(self.fd, index * SLOT_SIZE, os.SEEK_DATA) // SLOT_SIZE
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but holes after it
+                return None
+            raise
+        start = max(offset, found * BLOCK_SIZE)
+        return start if start < size else None
+
+    def seek_hole(self, offset: int, size: int) -> int:
+        """The first plaintext offset at or after `offset` in a block that is a hole
+        (a whole slot in a hole of the backing filesystem), or `size`: every file
+        ends in a hole."""
+        position = offset // BLOCK_SIZE * SLOT_SIZE
+        while True:
+            try:
+                hole = os.lseek(self.fd, position, os.SEEK_HOLE)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    return size
+                raise
+            index = -(-hole // SLOT_SIZE)  # the first slot that starts inside the hole
+            if index * BLOCK_SIZE >= size:
+                return size
+            try:
+                data = os.lseek(self.fd, index * SLOT_SIZE, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                data = self.length  # holes up to the end of the data file
+            if data >= min((index + 1) * SLOT_SIZE, self.length):
+                return max(offset, index * BLOCK_SIZE)
+            position = max(data, position + 1)
+
     def _whole(self, index: int, offset: int, end: int, new_size: int) -> bool:
         """Whether the write covers block `index` whole, as it is to be stored."""
         block_start = index * BLOCK_SIZE

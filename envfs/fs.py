@@ -1031,6 +1031,21 @@ class Operations(pyfuse3.Operations):
             os.posix_fallocate(data.fd, start, stop - start)
 
     @handler
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA and SEEK_HOLE (the kernel answers the rest), at block granularity."""
+        _, inode, open_file = self._handle(fh)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise FUSEError(errno.EINVAL)
+        if not 0 <= offset < inode.size:
+            raise FUSEError(errno.ENXIO)
+        if whence == os.SEEK_HOLE:
+            return open_file.data.seek_hole(offset, inode.size)
+        found = open_file.data.seek_data(offset, inode.size)
+        if found is None:
+            raise FUSEError(errno.ENXIO)
+        return found
+
+    @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle, inode, open_file = self._handle(fh)
         os.fsync(open_file.data.fd)

@@ -77,6 +77,39 @@ def test_truncate_grow_shrink(mounted: Path) -> None:
     assert path.read_bytes() == data[:4096] + bytes(9000 - 4096) + b"end"
 
 
+def test_seek_data_and_seek_hole(mounted: Path) -> None:
+    """SEEK_DATA and SEEK_HOLE find the holes of a sparse file (at block granularity; a
+    block next to data may count as data, as lseek(2) allows), and cp keeps it sparse."""
+    path = mounted / "sparse"
+    first, second = os.urandom(4096), os.urandom(100)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, first, 0)
+        os.pwrite(fd, second, 1 << 20)
+        os.ftruncate(fd, 3 << 20)
+        hole = os.lseek(fd, 0, os.SEEK_HOLE)
+        assert 4096 <= hole <= 3 * 4096
+        data = os.lseek(fd, hole, os.SEEK_DATA)
+        assert (1 << 20) - 2 * 4096 <= data <= 1 << 20
+        assert os.pread(fd, data - hole, hole) == bytes(data - hole)
+        end_hole = os.lseek(fd, 1 << 20, os.SEEK_HOLE)
+        assert (1 << 20) + 4096 <= end_hole <= (1 << 20) + 3 * 4096
+        assert os.lseek(fd, (2 << 20) + 5, os.SEEK_HOLE) == (2 << 20) + 5  # inside the last hole
+        for offset in (end_hole + 4096, (3 << 20) - 1, 3 << 20, 5 << 20):
+            with pytest.raises(OSError) as e:
+                os.lseek(fd, offset, os.SEEK_DATA)  # only holes after it, or past the end
+            assert e.value.errno == errno.ENXIO
+        with pytest.raises(OSError) as e:
+            os.lseek(fd, 3 << 20, os.SEEK_HOLE)
+        assert e.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+    copy = mounted / "copy"
+    subprocess.run(["cp", "--sparse=always", str(path), str(copy)], check=True)
+    assert copy.read_bytes() == path.read_bytes()
+    assert os.stat(copy).st_blocks * 512 < 64 << 10
+
+
 def test_size_beyond_the_limit_is_efbig(mounted: Path) -> None:
     """A size whose data file would not fit in an off_t (below the kernel's own limit of
     2**63 - 1) fails with EFBIG, as ext4 answers beyond its limit, and changes nothing."""
@@ -417,6 +450,12 @@ def test_xattrs(mounted: Path) -> None:
     with pytest.raises(OSError) as e:
         os.setxattr(path, "user.none", b"red", os.XATTR_REPLACE)
     assert e.value.errno == errno.ENODATA
+    both = os.XATTR_CREATE | os.XATTR_REPLACE  # must exist and must not: ext4 and tmpfs refuse
+    with pytest.raises(OSError) as e:
+        os.setxattr(path, "user.none", b"red", both)
+    assert e.value.errno == errno.ENODATA
+    with pytest.raises(FileExistsError):
+        os.setxattr(path, "user.color", b"red", both)
     os.removexattr(path, "user.color")
     with pytest.raises(OSError) as e:
         os.removexattr(path, "user.color")

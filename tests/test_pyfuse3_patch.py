@@ -113,7 +113,7 @@ def test_operations_has_fallocate() -> None:
 
 
 def test_envfs_patches_reported() -> None:
-    patches = {"fallocate", "zero-recv-buf", "single-worker-loop", "poll-before-park"}
+    patches = {"fallocate", "zero-recv-buf", "single-worker-loop", "poll-before-park", "lseek", "xattr-create-replace"}
     assert patches <= set(getattr(pyfuse3, "ENVFS_PATCHES", ()))
 
 
