@@ -137,13 +137,6 @@ def _clamp_time(ns: int) -> int:
     return min(max(ns, -(2**63)), 2**63 - 1)
 
 
-def _check_file_size(size: int) -> None:
-    """EFBIG for a file size beyond what a data file can hold, as ext4 answers
-    beyond its own limit."""
-    if size > MAX_FILE_SIZE:
-        raise FUSEError(errno.EFBIG)
-
-
 def _negative_entry() -> pyfuse3.EntryAttributes:
     """A lookup reply for a missing name: the kernel caches the absence (inode 0)."""
     attrs = pyfuse3.EntryAttributes()
@@ -172,6 +165,10 @@ class Operations(pyfuse3.Operations):
         self.keys = keys
         self.names = names
         self.rekey_after = rekey_after
+        # A file holds at most half a key's budget of blocks, so that a re-key
+        # (which encrypts every block) leaves room for the writes after it, and
+        # no more than a data file can hold (FORMAT.md, sections 4.4 and 6).
+        self.max_file_size = min(MAX_FILE_SIZE, rekey_after // 2 * BLOCK_SIZE)
         # Read buffers whose replies go out after their handler returns; they
         # are zeroed and reused in `replies_sent`. `wake_after_reply` tells the
         # daemon that some wait, for when no next request comes to do it.
@@ -491,7 +488,7 @@ class Operations(pyfuse3.Operations):
         return self._attrs(inode)
 
     def _truncate(self, inode: Inode, size: int, now: int) -> None:
-        _check_file_size(size)
+        self._check_file_size(size)
         self._ensure_nonce_budget(inode, 1)
         data, temporary = self._data(inode)
         try:
@@ -895,7 +892,7 @@ class Operations(pyfuse3.Operations):
             handle, inode, open_file = self._handle(fh)
             if handle.flags & os.O_APPEND:
                 off = inode.size
-            _check_file_size(off + len(buf))
+            self._check_file_size(off + len(buf))
             # The slots it writes, as if none were there yet (a block it only changes
             # may sit in a hole), plus the old last block it may pad.
             self._claim_room((len(buf) // BLOCK_SIZE + 3) * SLOT_SIZE)
@@ -909,6 +906,11 @@ class Operations(pyfuse3.Operations):
             return len(buf)
         finally:
             zero_bytes(buf)
+
+    def _check_file_size(self, size: int) -> None:
+        """EFBIG for a file size beyond `max_file_size`, as ext4 answers beyond its own limit."""
+        if size > self.max_file_size:
+            raise FUSEError(errno.EFBIG)
 
     def _claim_room(self, growth: int) -> None:
         """ENOSPC for data that would leave the backing filesystem less than
@@ -1012,7 +1014,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EINVAL)
         _, inode, open_file = self._handle(fh)
         end = offset + length
-        _check_file_size(end)
+        self._check_file_size(end)
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and offset < inode.size:
             # A zeroed block in part is re-encrypted: at most the first and the last.
             self._ensure_nonce_budget(inode, 2)
