@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import Envfs
+from helpers import Envfs, process_gone
 
 
 @pytest.fixture
@@ -147,3 +149,27 @@ def test_disk_filled_from_outside_spares_stored_blocks(small_store: Envfs) -> No
     assert data[:10_001] == keep
     small_store.remount()
     assert (mnt / "keep").read_bytes() == data
+
+
+def test_mount_after_a_crash_on_a_full_disk(small_store: Envfs) -> None:
+    """A daemon killed while another program has filled the disk: the next mount, which must
+    write to the metadata (recovery, the mounted flag), gives up the space reserve to do it."""
+    mnt = small_store.mnt
+    keep = os.urandom(50_000)
+    (mnt / "keep").write_bytes(keep)
+    fd = os.open(mnt / "keep", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    filler = small_store.store.parent / "filler"
+    _fill_outside(filler)
+    try:
+        pid = small_store.daemon_pid()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not process_gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        small_store.mount()  # clears the dead mount, recovers, records the mount
+        assert (mnt / "keep").read_bytes() == keep
+        assert not (small_store.store / "reserve").exists()  # given up for the mount
+    finally:
+        filler.unlink()
