@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import platform
+import random
 import stat
 import struct
 import subprocess
@@ -31,7 +33,7 @@ def test_random_offsets(mounted: Path, size: int) -> None:
     path = mounted / "f"
     model = bytearray(os.urandom(size))
     path.write_bytes(model)
-    rng = __import__("random").Random(size)
+    rng = random.Random(size)
     fd = os.open(path, os.O_RDWR)
     try:
         for _ in range(60):
@@ -108,6 +110,87 @@ def test_seek_data_and_seek_hole(mounted: Path) -> None:
     subprocess.run(["cp", "--sparse=always", str(path), str(copy)], check=True)
     assert copy.read_bytes() == path.read_bytes()
     assert os.stat(copy).st_blocks * 512 < 64 << 10
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_operations_against_a_model(store: Envfs, seed: int) -> None:
+    """Writes, reads, truncates, appends, hole punches, zeroed ranges and mmap writes through two
+    descriptors, at offsets around block boundaries, checked against a bytearray after every
+    read and every 50 operations, and once more after a remount."""
+    rng = random.Random(seed)
+    store.mount()
+    path = store.mnt / "model"
+    fds = [os.open(path, os.O_RDWR | os.O_CREAT, 0o644), os.open(path, os.O_RDWR)]
+    model = bytearray()
+
+    def offset() -> int:
+        if model and rng.random() < 0.5:  # near a block boundary inside the file
+            return max(0, rng.randrange(0, len(model) // 4096 + 2) * 4096 + rng.randint(-9, 9))
+        return rng.randrange(0, len(model) + 20_000)
+
+    def length() -> int:
+        return rng.choice([rng.randint(1, 40), rng.randint(1, 9_000), rng.randint(1, 70_000)])
+
+    def zero(start: int, stop: int) -> None:
+        stop = min(stop, len(model))
+        if start < stop:
+            model[start:stop] = bytes(stop - start)
+
+    try:
+        for step in range(1500):
+            fd = rng.choice(fds)
+            kind = rng.random()
+            if kind < 0.3:
+                at, data = offset(), os.urandom(length())
+                os.pwrite(fd, data, at)
+                model.extend(bytes(max(0, at - len(model))))
+                model[at : at + len(data)] = data
+            elif kind < 0.45:
+                at, n = offset(), length()
+                assert os.pread(fd, n, at) == bytes(model[at : at + n]), f"step {step}: read at {at}"
+            elif kind < 0.55:
+                size = rng.choice([rng.randrange(0, len(model) + 1), rng.randrange(0, 300_000)])
+                os.ftruncate(fd, size)
+                del model[size:]
+                model.extend(bytes(size - len(model)))
+            elif kind < 0.62:
+                appender = os.open(path, os.O_WRONLY | os.O_APPEND)
+                data = os.urandom(length())
+                os.write(appender, data)
+                os.close(appender)
+                model.extend(data)
+            elif kind < 0.72:
+                at, n = offset(), length()
+                _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, at, n)
+                zero(at, at + n)
+            elif kind < 0.8:
+                at, n = offset(), length()
+                keep = rng.random() < 0.5
+                _fallocate(fd, FALLOC_FL_ZERO_RANGE | (FALLOC_FL_KEEP_SIZE if keep else 0), at, n)
+                zero(at, at + n)
+                if not keep:
+                    model.extend(bytes(max(0, at + n - len(model))))
+            elif kind < 0.9 and model:
+                at = rng.randrange(0, len(model))
+                n = rng.randint(1, min(len(model) - at, 20_000))
+                start = at // mmap.PAGESIZE * mmap.PAGESIZE
+                data = os.urandom(n)
+                with mmap.mmap(fd, at + n - start, offset=start) as mapped:
+                    mapped[at - start : at - start + n] = data
+                    mapped.flush()
+                model[at : at + n] = data
+            else:
+                index = fds.index(fd)
+                os.close(fd)
+                fds[index] = os.open(path, os.O_RDWR)
+            if step % 50 == 49:
+                assert os.fstat(fds[0]).st_size == len(model), f"step {step}: size"
+                assert os.pread(fds[0], len(model) + 1, 0) == bytes(model), f"step {step}: content"
+    finally:
+        for fd in fds:
+            os.close(fd)
+    store.remount()
+    assert path.read_bytes() == bytes(model)
 
 
 def test_size_beyond_the_limit_is_efbig(mounted: Path) -> None:
