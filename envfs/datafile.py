@@ -55,8 +55,10 @@ class _SlotBuffer:
 
 _slots = _SlotBuffer()
 
+# fallocate(2) mode bits (linux/falloc.h).
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 # Python's os module has posix_fallocate but not fallocate(2), which punches holes.
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)

@@ -27,7 +27,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE
-from .datafile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, DataFile
+from .datafile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DataFile
 from .errors import CorruptStore, EnvfsError, IntegrityError
 from .keys import KeyRing
 from .metadata import ROOT_INODE, Inode, Metadata, NextFile, WalkPosition
@@ -37,7 +37,6 @@ from .store import RESERVE_BYTES, Store
 
 log = logging.getLogger(__name__)
 
-FALLOC_FL_ZERO_RANGE = 0x10
 SYMLINK_MAX = 4095  # PATH_MAX - 1, as the kernel allows
 # Every change reaches the store through this mount's kernel, which updates or
 # drops what it cached as it forwards the change (the store is locked to one
@@ -893,11 +892,12 @@ class Operations(pyfuse3.Operations):
             if handle.flags & os.O_APPEND:
                 off = inode.size
             self._check_file_size(off + len(buf))
-            # The slots it writes, as if none were there yet (a block it only changes
-            # may sit in a hole), plus the old last block it may pad.
-            self._claim_room((len(buf) // BLOCK_SIZE + 3) * SLOT_SIZE)
-            # A write touches at most len/4096 + 2 blocks, plus the old last block it pads.
-            self._ensure_nonce_budget(inode, len(buf) // 4096 + 3)
+            # A write touches at most len/4096 + 2 blocks, plus the old last block it
+            # pads: as many encryptions, and as many slots of space (as if none were
+            # there yet: a block it only changes may sit in a hole).
+            blocks = len(buf) // BLOCK_SIZE + 3
+            self._claim_room(blocks * SLOT_SIZE)
+            self._ensure_nonce_budget(inode, blocks)
             new_size, writes = open_file.data.write(off, memoryview(buf), inode.size)
             inode.size = new_size
             inode.block_writes += writes
@@ -916,8 +916,6 @@ class Operations(pyfuse3.Operations):
         """ENOSPC for data that would leave the backing filesystem less than
         METADATA_ROOM free; free space is looked up only when the room counted
         since the last look runs out."""
-        if growth <= 0:
-            return
         self._room -= growth
         if self._room < 0:
             self._room = self.store.free_bytes() - METADATA_ROOM - growth
