@@ -186,10 +186,15 @@ def _status_of(store: Store) -> dict[str, Any]:
         "hsm": {k: v for k, v in vars(superblock.hsm).items() if v is not None},
         "key_versions": [{"version": k.version, "label": k.label} for k in superblock.keys],
         "current_key_version": superblock.current_key_version,
-        "mounted": holder is not None,
+        "mounted": holder is not None and holder.get("operation", "mount") == "mount",
     }
+    if superblock.rotating_to is not None:
+        info["rotating_to"] = superblock.rotating_to
     if holder:
-        info["mountpoint"] = holder.get("mountpoint")
+        if info["mounted"]:
+            info["mountpoint"] = holder.get("mountpoint")
+        else:
+            info["busy"] = f"envfs {holder.get('operation')}"
         info["pid"] = holder.get("pid")
         if holder.get("counters"):
             info["counters"] = holder["counters"]
@@ -233,6 +238,25 @@ def cmd_status(args: argparse.Namespace) -> None:
         print()
 
 
+def cmd_rotate(args: argparse.Namespace) -> None:
+    from .rotate import rotate
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    key = _read_master_key(args.import_master_key_file) if args.import_master_key_file else None
+    print(rotate(args.store, read_pin(args.pin_file), retire=args.retire, import_key=key, progress=progress))
+
+
+def cmd_retire(args: argparse.Namespace) -> None:
+    from .rotate import retire
+
+    retired = retire(args.store, read_pin(args.pin_file), progress=lambda line: print(line, file=sys.stderr))
+    versions = ", ".join(str(v) for v in retired) or "none"
+    print(f"{Store(args.store).path}: retired key versions: {versions}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="envfs", description="Encrypted filesystem keyed by an HSM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_unmount)
+
+    p = sub.add_parser("rotate", help="move the store to a new master key version (resumes an interrupted one)")
+    p.add_argument("store")
+    p.add_argument("--retire", action="store_true", help="then destroy the older key versions in the token")
+    p.add_argument("--pin-file", metavar="FILE")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument(
+        "--import-master-key-file", metavar="FILE",
+        help="import this hex master key as the new version instead of generating one (test vectors, migration)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_rotate)
+
+    p = sub.add_parser("retire", help="destroy every master key version but the current one")
+    p.add_argument("store")
+    p.add_argument("--pin-file", metavar="FILE")
+    p.set_defaults(func=cmd_retire)
 
     p = sub.add_parser("status", help="show a store or mount (all mounts without an argument)")
     p.add_argument("path", nargs="?")

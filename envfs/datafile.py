@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 
 from .blocks import (
     BLOCK_OVERHEAD,
@@ -87,6 +88,21 @@ def _zero_bytes_of(fd: int, start: int, length: int) -> None:
     while length:
         written = os.pwrite(fd, zeros[:length], start) or _no_space()
         start, length = start + written, length - written
+
+
+def open_data_file(cipher: BlockCipher, open_fd: Callable[[], int], size: int) -> DataFile:
+    """The data file `open_fd` opens, with `cipher`, for a plaintext of `size`
+    bytes. The cipher is closed if the file cannot be opened; a missing file is
+    an integrity error (a size above 0 promises one)."""
+    try:
+        fd = open_fd()
+    except FileNotFoundError:
+        cipher.close()
+        raise IntegrityError(f"inode {cipher.inode_id}: data file missing") from None
+    except BaseException:
+        cipher.close()
+        raise
+    return DataFile(fd, cipher, size)
 
 
 class DataFile:
@@ -406,17 +422,28 @@ class DataFile:
         scratch = memoryview(self._scratch)
         out = bytearray(SLOT_SIZE)
         writes = 0
+        count = block_count(size)
+        index = 0
         try:
-            for index in range(block_count(size)):
+            while index < count:
                 n = min(BLOCK_SIZE, size - index * BLOCK_SIZE)
                 slot = self._slot(index)
                 self._check_slot(index, slot, n)
                 if is_hole(slot):
+                    # Skip the backing file's holes: a sparse terabyte is not read block by block.
+                    following = self.seek_data((index + 1) * BLOCK_SIZE, size)
+                    if following is None:
+                        # Holes to the end: the data file must still reach the last block.
+                        last = count - 1
+                        self._check_slot(last, self._slot(last), size - last * BLOCK_SIZE)
+                        break
+                    index = following // BLOCK_SIZE
                     continue
                 self._read_block(index, size, scratch)
                 length = other.cipher.encrypt_into(index, scratch[:n], memoryview(out))
                 other._store(memoryview(out)[:length], index * SLOT_SIZE)
                 writes += 1
+                index += 1
         finally:
             zero_buffer(self._scratch)
         other._set_length(min_data_length(size))

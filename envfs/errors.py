@@ -77,6 +77,12 @@ class StoreBusy(EnvfsError):
     exit_code = 24
 
 
+class RotationUnfinished(EnvfsError):
+    """A key rotation stopped after switching the metadata: `envfs rotate` finishes it."""
+
+    exit_code = 25
+
+
 class BadMountpoint(EnvfsError):
     exit_code = 30
 

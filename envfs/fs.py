@@ -27,7 +27,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE
-from .datafile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DataFile
+from .datafile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DataFile, open_data_file
 from .errors import CorruptStore, EnvfsError, IntegrityError
 from .keys import KeyRing
 from .metadata import ROOT_INODE, Inode, Metadata, NextFile, WalkPosition
@@ -516,16 +516,11 @@ class Operations(pyfuse3.Operations):
 
     def _open_data(self, inode: Inode) -> DataFile:
         self.data_opens += 1
-        cipher = self.keys.file_cipher(inode.id, inode.key_version, inode.key_epoch)
-        try:
-            fd = self.store.open_data_file(inode.id, inode.key_version, inode.key_epoch, create=inode.size == 0)
-        except FileNotFoundError:
-            cipher.close()
-            raise IntegrityError(f"inode {inode.id}: data file missing") from None
-        except BaseException:
-            cipher.close()
-            raise
-        return DataFile(fd, cipher, inode.size)
+        return open_data_file(
+            self.keys.file_cipher(inode.id, inode.key_version, inode.key_epoch),
+            lambda: self.store.open_data_file(inode.id, inode.key_version, inode.key_epoch, create=inode.size == 0),
+            inode.size,
+        )
 
     # -- creating --------------------------------------------------------------
 
@@ -950,17 +945,15 @@ class Operations(pyfuse3.Operations):
             "inode %d: %d block writes under key epoch %d, re-keying", inode.id, inode.block_writes, inode.key_epoch
         )
         old_epoch, new_epoch, old_writes = inode.key_epoch, inode.key_epoch + 1, inode.block_writes
-        cipher = self.keys.file_cipher(inode.id, inode.key_version, new_epoch)
+        # A size of 0 cuts a leftover of an interrupted re-key.
+        new = open_data_file(
+            self.keys.file_cipher(inode.id, inode.key_version, new_epoch),
+            lambda: self.store.open_data_file(inode.id, inode.key_version, new_epoch, create=True),
+            0,
+        )
         try:
-            fd = self.store.open_data_file(inode.id, inode.key_version, new_epoch, create=True)
-        except BaseException:
-            cipher.close()
-            raise
-        new = DataFile(fd, cipher, 0)
-        try:
-            os.ftruncate(fd, 0)  # a leftover of an interrupted re-key
             writes = old.copy_to(new, inode.size)
-            os.fsync(fd)
+            os.fsync(new.fd)
             self.store.sync_data_dir(inode.id)
             inode.key_epoch = new_epoch
             inode.block_writes = writes

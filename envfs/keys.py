@@ -37,7 +37,8 @@ class KeyRing:
         self.superblock = superblock
         self.derivations = 0
         self.prefetch_hits = 0  # file keys that were ready when asked for
-        self._metadata_mac: hmac.HMAC | None = None
+        # Keyed metadata MAC contexts by key version (two while a rotation runs).
+        self._metadata_macs: dict[int, hmac.HMAC] = {}
         # One derivation at a time: a PKCS#11 session runs one operation at once,
         # and the key thread (`_thread`) shares this one.
         self._hsm_lock = threading.Lock()
@@ -94,21 +95,24 @@ class KeyRing:
         if not compare_digest(self.superblock_mac(self.superblock), self.superblock.mac):
             raise CorruptStore(f"superblock of store {self.superblock.uuid} fails its MAC: damaged or edited")
 
-    def metadata_mac(self) -> hmac.HMAC:
-        """A keyed HMAC-SHA256 context for metadata rows; `.copy()` it per use."""
-        if self._metadata_mac is None:
-            version = self.superblock.current_key_version
+    def metadata_mac(self, key_version: int | None = None) -> hmac.HMAC:
+        """A keyed HMAC-SHA256 context for metadata rows, of `key_version`
+        (default: the current one); `.copy()` it per use."""
+        version = self.superblock.current_key_version if key_version is None else key_version
+        if version not in self._metadata_macs:
             with self._derive(version, kdf.metadata_mac_info(self.superblock.uuid, version)) as secret:
-                self._metadata_mac = secret.build(lambda key: hmac.HMAC(key, hashes.SHA256()))
-        return self._metadata_mac
+                self._metadata_macs[version] = secret.build(lambda key: hmac.HMAC(key, hashes.SHA256()))
+        return self._metadata_macs[version]
 
     def superblock_mac(self, superblock: Superblock) -> str:
-        h = self.metadata_mac().copy()
+        """The MAC of `superblock`, under the metadata MAC key of its own current version."""
+        h = self.metadata_mac(superblock.current_key_version).copy()
         h.update(_SUPERBLOCK_MAC_LABEL + superblock.mac_input())
         return h.finalize().hex()
 
-    def name_cipher(self) -> NameCipher:
-        version = self.superblock.current_key_version
+    def name_cipher(self, key_version: int | None = None) -> NameCipher:
+        """The AES-SIV cipher of names, targets and xattrs, of `key_version` (default: current)."""
+        version = self.superblock.current_key_version if key_version is None else key_version
         key = Secret(64)
         try:
             for half in (1, 2):
@@ -171,7 +175,7 @@ class KeyRing:
         if self._hsm_thread is not None:
             self._hsm_thread.shutdown(wait=True)
             self._hsm_thread = None
-        self._metadata_mac = None
+        self._metadata_macs.clear()
 
 
 def _discard(dek: Secret, future: Future[None]) -> None:

@@ -42,6 +42,12 @@ GROUP_SECONDS = 0.1
 GROUP_CHANGES = 256
 ROOT_INODE = 1
 MAC_SIZE = 32
+# The setting that names the key version of the rows' MACs and names (FORMAT.md 5.2).
+_ROWS_KEY_VERSION = "metadata_key_version"
+# Rows read per query by the whole-store passes.
+_SCAN_BATCH = 1024
+_XATTRS_AFTER = "SELECT rowid, inode, name, value FROM xattrs WHERE rowid>? ORDER BY rowid LIMIT ?"
+_S_IFMT = 0o170000  # the file type bits of st_mode
 
 
 def create_schema(db: sqlite3.Connection) -> None:
@@ -200,11 +206,7 @@ class Metadata:
     """Typed access to meta.db; every row read is authenticated."""
 
     def __init__(self, path: str | os.PathLike[str], mac: hmac.HMAC, *, create: bool = False) -> None:
-        self._mac = mac
-        # The keyed context with each row kind's fixed prefix already hashed in:
-        # a row's MAC then costs one copy, one update and the finish.
-        self._inode_mac = self._prefixed(_INODE_MAC_PREFIX)
-        self._dentry_mac = self._prefixed(_DENTRY_MAC_PREFIX)
+        self._macs = _RowMacs(mac)
         self._depth = 0
         self._grouping = False
         self._group_open = False
@@ -236,7 +238,7 @@ class Metadata:
     def close(self) -> None:
         self.db.close()
         # The keyed HMAC contexts go with the database.
-        self._mac = self._inode_mac = self._dentry_mac = None  # type: ignore[assignment]
+        self._macs = None  # type: ignore[assignment]
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -362,20 +364,11 @@ class Metadata:
 
     # -- MACs --------------------------------------------------------------
 
-    def _prefixed(self, prefix: bytes) -> hmac.HMAC:
-        h = self._mac.copy()
-        h.update(prefix)
-        return h
-
     def inode_mac(self, inode: Inode) -> bytes:
-        h = self._inode_mac.copy()
-        h.update(_INODE_PACK.pack(*_inode_values(inode)))
-        return h.finalize()
+        return self._macs.inode(inode)
 
     def dentry_mac(self, parent: int, inode: int, name: bytes) -> bytes:
-        h = self._dentry_mac.copy()
-        h.update(_DENTRY_PREFIX.pack(parent, inode) + name)
-        return h.finalize()
+        return self._macs.dentry(parent, inode, name)
 
     # -- inodes ------------------------------------------------------------
 
@@ -580,6 +573,131 @@ class Metadata:
 
     def xattr_names(self, inode: int) -> list[bytes]:
         return [bytes(row[0]) for row in self.db.execute("SELECT name FROM xattrs WHERE inode=?", (inode,))]
+
+    # -- whole-store passes (fsck, rotate) -----------------------------------
+
+    def rows_key_version(self) -> int:
+        """The key version whose metadata MAC key and name key the rows are
+        under: the setting `metadata_key_version`, 1 where it is absent."""
+        value = self.get_setting(_ROWS_KEY_VERSION)
+        if value is None:
+            return 1
+        if not isinstance(value, int) or value < 1:
+            raise CorruptStore(f"metadata: setting {_ROWS_KEY_VERSION} is damaged ({value!r})")
+        return value
+
+    def _batches(self, sql: str, first: object = -1) -> Iterator[tuple[Any, ...]]:
+        """Rows of `sql` (`... WHERE key > ? ORDER BY key LIMIT ?`, the key
+        first in each row) batch by batch: the caller may change the rows seen."""
+        after = first
+        while True:
+            rows = self.db.execute(sql, (after, _SCAN_BATCH)).fetchall()
+            yield from rows
+            if len(rows) < _SCAN_BATCH:
+                return
+            after = rows[-1][0]
+
+    def scan_inodes(self) -> Iterator[tuple[int, Inode | None]]:
+        """Every inode row in id order, with None for a row that fails its MAC."""
+        for row in self._batches(f"SELECT {_INODE_FIELDS} FROM inodes i WHERE i.id>? ORDER BY i.id LIMIT ?"):
+            try:
+                inode: Inode | None = self._inode(row)
+            except IntegrityError:
+                inode = None
+            yield row[0], inode
+
+    def scan_entries(self) -> Iterator[tuple[Dentry, bool]]:
+        """Every directory entry in id order, and whether it passes its MAC."""
+        for row in self._batches("SELECT id, parent, name, inode, mac FROM dentries WHERE id>? ORDER BY id LIMIT ?"):
+            try:
+                entry, valid = self._dentry(row), True
+            except IntegrityError:
+                entry, valid = Dentry(row[0], row[1], row[2], row[3]), False
+            yield entry, valid
+
+    def scan_symlinks(self) -> Iterator[tuple[int, bytes]]:
+        """Every symlink row: (inode id, target ciphertext)."""
+        for inode, target in self._batches("SELECT inode, target FROM symlinks WHERE inode>? ORDER BY inode LIMIT ?"):
+            yield inode, bytes(target)
+
+    def scan_xattrs(self) -> Iterator[tuple[int, bytes, bytes]]:
+        """Every xattr row: (inode id, name ciphertext, value ciphertext)."""
+        for _, inode, name, value in self._batches(_XATTRS_AFTER):
+            yield inode, bytes(name), bytes(value)
+
+    def files_not_under(self, key_version: int) -> list[int]:
+        """Ids of the regular files whose data is under another key version
+        (as stored, unauthenticated: the caller reads each row with `get_inode`)."""
+        rows = self.db.execute(
+            "SELECT id FROM inodes WHERE key_version<>? AND (mode & ?)=? ORDER BY id",
+            (key_version, _S_IFMT, stat.S_IFREG),
+        )
+        return [row[0] for row in rows]
+
+    def has_files_under(self, key_version: int) -> bool:
+        """Whether a regular file's data is under `key_version` (as stored). Only
+        regular files have data; other inodes' key version means nothing."""
+        row = self.db.execute(
+            "SELECT 1 FROM inodes WHERE key_version=? AND (mode & ?)=? LIMIT 1", (key_version, _S_IFMT, stat.S_IFREG)
+        ).fetchone()
+        return row is not None
+
+    def rekey_rows(
+        self, mac: hmac.HMAC, key_version: int, *, name: Callable[[int, bytes], bytes],
+        target: Callable[[int, bytes], bytes], xattr: Callable[[int, bytes, bytes], tuple[bytes, bytes]],
+    ) -> None:  # fmt: skip
+        """Move every row to the metadata MAC key `mac` of `key_version`, in one
+        transaction: inode and entry MACs recomputed, entry names, symlink
+        targets and xattrs replaced by what the callbacks give for their
+        ciphertexts (re-encryption under the new name key). Every row is
+        authenticated under the current key first; `metadata_key_version`
+        records the new version in the same transaction. Afterwards this
+        object reads and writes under the new key."""
+        new = _RowMacs(mac)
+        with self.transaction():
+            for inode_id, inode in self.scan_inodes():
+                if inode is None:
+                    raise IntegrityError(f"inode {inode_id}: metadata MAC mismatch")
+                self.db.execute("UPDATE inodes SET mac=? WHERE id=?", (new.inode(inode), inode.id))
+            for entry, valid in self.scan_entries():
+                if not valid:
+                    raise IntegrityError(f"directory {entry.parent}: entry {entry.id} MAC mismatch")
+                name_ct = name(entry.parent, entry.name)
+                self.db.execute(
+                    "UPDATE dentries SET name=?, mac=? WHERE id=?",
+                    (name_ct, new.dentry(entry.parent, entry.inode, name_ct), entry.id),
+                )
+            for inode_id, target_ct in self.scan_symlinks():
+                self.db.execute("UPDATE symlinks SET target=? WHERE inode=?", (target(inode_id, target_ct), inode_id))
+            for rowid, inode_id, name_ct, value_ct in self._batches(_XATTRS_AFTER):
+                self.db.execute(
+                    "UPDATE xattrs SET name=?, value=? WHERE rowid=?", (*xattr(inode_id, name_ct, value_ct), rowid)
+                )
+            self.db.execute(
+                "INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (_ROWS_KEY_VERSION, key_version)
+            )
+        self._macs = new
+
+
+class _RowMacs:
+    """HMAC contexts of one metadata MAC key with each row kind's fixed prefix
+    already hashed in: a row's MAC then costs one copy, one update and the finish."""
+
+    def __init__(self, mac: hmac.HMAC) -> None:
+        self._inode = mac.copy()
+        self._inode.update(_INODE_MAC_PREFIX)
+        self._dentry = mac.copy()
+        self._dentry.update(_DENTRY_MAC_PREFIX)
+
+    def inode(self, inode: Inode) -> bytes:
+        h = self._inode.copy()
+        h.update(_INODE_PACK.pack(*_inode_values(inode)))
+        return h.finalize()
+
+    def dentry(self, parent: int, inode: int, name: bytes) -> bytes:
+        h = self._dentry.copy()
+        h.update(_DENTRY_PREFIX.pack(parent, inode) + name)
+        return h.finalize()
 
 
 def _mac_matches(expected: Callable[[], bytes], stored: object) -> bool:

@@ -36,7 +36,7 @@ from .hsm import Hsm
 from .keys import KeyRing
 from .metadata import GROUP_SECONDS, Metadata
 from .secret import harden_process
-from .store import RESERVE_BYTES, Store, StoreLock, Superblock
+from .store import RESERVE_BYTES, Store, StoreLock, Superblock, busy_with
 
 log = logging.getLogger(__name__)
 
@@ -159,14 +159,24 @@ def hsm_for(access: TokenAccess, stack: ExitStack, pin: str) -> Hsm:
 
 def recover(store: Store, metadata: Metadata) -> None:
     """Finish what a crashed daemon left: orphans and stale data files."""
+    delete_orphans(store, metadata)
+    if metadata.get_setting("mounted") != 1:
+        return
+    log.info("the store was not unmounted cleanly; checking data files")
+    remove_stale_data_files(store, metadata)
+
+
+def delete_orphans(store: Store, metadata: Metadata) -> None:
+    """Delete the inodes no entry names any more (their last close never came)."""
     for inode_id in metadata.orphans():
         inode = metadata.get_inode(inode_id)
         if inode is not None:
             log.info("deleting orphan inode %d", inode_id)
             delete_inode(store, metadata, inode)
-    if metadata.get_setting("mounted") != 1:
-        return
-    log.info("the store was not unmounted cleanly; checking data files")
+
+
+def remove_stale_data_files(store: Store, metadata: Metadata) -> None:
+    """Remove data files that are not their inode's current (version, epoch), or have no inode."""
     for inode_id, key_version, key_epoch, path in store.data_files():
         inode = metadata.get_inode(inode_id)
         if inode is None or (inode.key_version, inode.key_epoch) != (key_version, key_epoch):
@@ -192,6 +202,7 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
             keys.verify()
             metadata = Metadata(store.metadata_path, keys.metadata_mac())
             stack.callback(metadata.close)
+            superblock.check_metadata_key_version(metadata.rows_key_version())
             if store.free_bytes() < RESERVE_BYTES:
                 store.release_reserve()  # a full disk: the reserve is there for this
             try:
@@ -339,8 +350,7 @@ def mount(store_path: str, mountpoint: str, pin: str, options: MountOptions) -> 
     mountpoint = check_mountpoint(mountpoint)
     holder = store.lock_holder()
     if holder is not None:
-        where = f"{holder.get('mountpoint')} (pid {holder.get('pid')})"
-        raise errors.StoreBusy(f"{store.path} is already mounted on {where}")
+        raise errors.StoreBusy(f"{store.path} is {busy_with(holder)}")
     log_file = os.path.abspath(options.log_file or embedded.data_dir() / "logs" / f"{superblock.uuid}.log")
     if options.foreground:
         _setup_logging(None, options.debug)

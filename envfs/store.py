@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .blocks import BLOCK_SIZE
-from .errors import CorruptStore, NotAStore, StoreBusy, StoreExists, UnsupportedFormat
+from .errors import CorruptStore, NotAStore, RotationUnfinished, StoreBusy, StoreExists, UnsupportedFormat
 
 FORMAT_NAME = "envfs"
 FORMAT_VERSION = 1
@@ -68,6 +68,26 @@ class Superblock:
                 return key
         raise CorruptStore(f"superblock has no key version {version}")
 
+    @property
+    def rotating_to(self) -> int | None:
+        """The version a key rotation in progress moves the store to: the newest
+        key version, while it is above the current one (FORMAT.md section 8)."""
+        newest = max(key.version for key in self.keys)
+        return newest if newest > self.current_key_version else None
+
+    def check_metadata_key_version(self, rows_version: int) -> None:
+        """Refuse metadata whose rows are under another key version than the
+        current one: a rotation that stopped right after switching them, or damage."""
+        if rows_version == self.current_key_version:
+            return
+        if rows_version == self.rotating_to:
+            raise RotationUnfinished(
+                f"a key rotation to version {rows_version} stopped half-way; finish it with `envfs rotate`"
+            )
+        raise CorruptStore(
+            f"metadata is under key version {rows_version}, the superblock says {self.current_key_version}"
+        )
+
     def to_json(self, *, with_mac: bool = True) -> dict[str, Any]:
         body: dict[str, Any] = {
             "format": FORMAT_NAME,
@@ -111,6 +131,8 @@ class Superblock:
             raise CorruptStore(f"{where}: superblock damaged (block size or format version)")
         if superblock.hsm.type not in ("embedded", "pkcs11") or not superblock.keys:
             raise CorruptStore(f"{where}: superblock damaged (hsm or keys)")
+        if len({key.version for key in superblock.keys}) != len(superblock.keys):
+            raise CorruptStore(f"{where}: superblock damaged (a key version listed twice)")
         superblock.key(superblock.current_key_version)
         return superblock
 
@@ -251,19 +273,18 @@ class Store:
 
     # -- lock ----------------------------------------------------------------
 
-    def lock(self, mountpoint: str) -> StoreLock:
-        """Take the store's mount lock; StoreBusy if a live daemon holds it."""
+    def lock(self, mountpoint: str | None, operation: str = "mount") -> StoreLock:
+        """Take the store's lock for a mount (or an operator tool, `operation`
+        "rotate" or "fsck", with no mountpoint); StoreBusy if a live process holds it."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                holder = self.lock_holder()
-                where = f" on {holder['mountpoint']} (pid {holder['pid']})" if holder else ""
-                raise StoreBusy(f"{self.path} is already mounted{where}") from e
+                raise StoreBusy(f"{self.path} is {busy_with(self.lock_holder())}") from e
             raise
-        return StoreLock(fd, mountpoint)
+        return StoreLock(fd, mountpoint, operation)
 
     def lock_holder(self) -> dict[str, Any] | None:
         """The pid and mountpoint of the daemon holding the lock, if any."""
@@ -286,18 +307,32 @@ class Store:
             os.close(fd)
 
 
+def busy_with(holder: dict[str, Any] | None) -> str:
+    """What holds a store, for messages: "already mounted on /mnt (pid 12)"."""
+    if not holder:
+        return "already mounted"
+    operation = holder.get("operation", "mount")
+    if operation != "mount":
+        return f"in use by envfs {operation} (pid {holder.get('pid')})"
+    return f"already mounted on {holder.get('mountpoint')} (pid {holder.get('pid')})"
+
+
 class StoreLock:
-    """A held mount lock; records the holder's pid, mountpoint and counters."""
+    """A held store lock; records the holder's pid, what it does (a mount and
+    its mountpoint, or an operator tool) and its counters."""
 
     _RECORD_SIZE = 4096  # JSON padded with blanks: a reader never sees a torn record
 
-    def __init__(self, fd: int, mountpoint: str) -> None:
+    def __init__(self, fd: int, mountpoint: str | None, operation: str = "mount") -> None:
         self.fd = fd
         self.mountpoint = mountpoint
+        self.operation = operation
         self.update()
 
     def update(self, counters: dict[str, int] | None = None) -> None:
         record: dict[str, Any] = {"pid": os.getpid(), "mountpoint": self.mountpoint}
+        if self.operation != "mount":
+            record["operation"] = self.operation
         if counters:
             record["counters"] = counters
         data = json.dumps(record).encode()

@@ -924,6 +924,7 @@ EXIT_CODES = {
     "CorruptStore": 22,
     "StoreExists": 23,
     "StoreBusy": 24,
+    "RotationUnfinished": 25,
     "BadMountpoint": 30,
     "MountFailed": 31,
     "NotMounted": 32,

@@ -397,10 +397,12 @@ class IndependentReader:
         body = {k: v for k, v in sb.items() if k != "mac"}
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
         assert hmac.compare_digest(self.mac(b"envfs superblock v1\x00", canonical).hex(), sb["mac"])
-        name_key = b"".join(self.derive(b"envfs name key v1", self.version, bytes([h])) for h in (1, 2))
-        self.siv = AESSIV(name_key)
         self.db = sqlite3.connect(f"file:{store_dir / 'meta.db'}?mode=ro", uri=True)
         assert self.db.execute("SELECT value FROM settings WHERE name='schema_version'").fetchone() == (1,)
+        rows_version = self.db.execute("SELECT value FROM settings WHERE name='metadata_key_version'").fetchone()
+        assert (rows_version or (1,))[0] == self.version, "a rotation stopped half-way"
+        name_key = b"".join(self.derive(b"envfs name key v1", self.version, bytes([h])) for h in (1, 2))
+        self.siv = AESSIV(name_key)
 
     def derive(self, label: bytes, version: int, fields: bytes = b"") -> bytes:
         info = label + b"\x00" + self.uuid + struct.pack(">I", version) + fields
@@ -511,7 +513,10 @@ def _pattern(n: int, seed: bytes) -> bytes:
 
 
 @pytest.mark.timeout(120)
-def test_independent_decryptor(envfs: Envfs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rotated", [False, True], ids=["as-written", "after-rotation"])
+def test_independent_decryptor(envfs: Envfs, tmp_path: Path, rotated: bool) -> None:
+    """The reader of FORMAT.md section 10 decrypts a store written through a mount;
+    after a rotation (section 8), with the new version's master key alone."""
     key_file = tmp_path / "master.hex"
     key_file.write_text(MASTER_KEY.hex())
     envfs.init("--import-master-key-file", str(key_file))
@@ -559,8 +564,14 @@ def test_independent_decryptor(envfs: Envfs, tmp_path: Path) -> None:
         "/empty": ("file", file_mode, b"", {}),
         "/link": ("symlink", b"sub/dir/nested.txt"),
     }
-    reader = IndependentReader(envfs.store, MASTER_KEY)
+    master_key = MASTER_KEY
+    if rotated:
+        master_key = hashlib.sha256(b"the second master key").digest()
+        key_file.write_text(master_key.hex())
+        envfs.run("rotate", str(envfs.store), "--import-master-key-file", str(key_file), "--retire")
+    reader = IndependentReader(envfs.store, master_key)
     try:
+        assert reader.version == (2 if rotated else 1)
         tree, ids, holes = reader.tree()
     finally:
         reader.db.close()

@@ -1,0 +1,108 @@
+"""A store opened outside a mount, for the operator tools (`rotate`, `fsck`).
+
+The store lock keeps daemons and other tools out while a tool works. The
+token is reached as a mount reaches it (the embedded token behind its own
+`p11-kit server` process). Deriving keys (`Hsm`) and managing them
+(`HsmAdmin`, python-pkcs11) each initialise the PKCS#11 module on their own
+terms, so they take turns: `admin()` closes the key ring first.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from types import TracebackType
+
+from .errors import CorruptStore
+from .hsm import HsmAdmin
+from .keys import KeyRing
+from .metadata import Metadata
+from .mount import TokenAccess, hsm_for, token_for
+from .store import Store, Superblock
+
+
+class OfflineStore:
+    """One store, locked for `operation` ("rotate", "fsck"), with its token at hand."""
+
+    def __init__(self, path: str, pin: str, operation: str) -> None:
+        self.store = Store(path)
+        # Read once before the lock (a non-store is refused before a lock file is
+        # made in it) and again under it (a tool that held it may have changed it).
+        self.superblock: Superblock = self.store.read_superblock()
+        self._pin = pin
+        self._operation = operation
+        self._stack = ExitStack()
+        self._keys_stack: ExitStack | None = None
+        self._keys: KeyRing | None = None
+        self._metadata: Metadata | None = None
+        self._access: TokenAccess | None = None
+
+    def __enter__(self) -> OfflineStore:
+        try:
+            self._stack.callback(self.store.lock(None, self._operation).release)
+            self.superblock = self.store.read_superblock()
+            self._access = token_for(self.superblock, self._stack)
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self.close_keys()
+        self._stack.close()
+
+    def keys(self) -> KeyRing:
+        """A key ring on a logged-in session, its keys checked against the superblock."""
+        if self._keys is None:
+            assert self._access is not None, "use OfflineStore in a with statement"
+            stack = ExitStack()
+            try:
+                keys = KeyRing(hsm_for(self._access, stack, self._pin), self.superblock)
+                stack.callback(keys.close)
+                keys.verify()
+            except BaseException:
+                stack.close()
+                raise
+            self._keys, self._keys_stack = keys, stack
+        return self._keys
+
+    def metadata(self) -> Metadata:
+        """The metadata database, keyed with the version its rows are under: the
+        current one, or during a rotation that switched them, the new one."""
+        if self._metadata is None:
+            keys = self.keys()
+            path = self.store.metadata_path
+            metadata = Metadata(path, keys.metadata_mac())
+            try:
+                rows_version = metadata.rows_key_version()
+            except sqlite3.DatabaseError as e:
+                metadata.close()
+                raise CorruptStore(f"{path}: metadata database unreadable: {e}") from e
+            if rows_version != self.superblock.current_key_version:
+                metadata.close()
+                if rows_version != self.superblock.rotating_to:
+                    self.superblock.check_metadata_key_version(rows_version)  # raises
+                metadata = Metadata(path, keys.metadata_mac(rows_version))
+            self._metadata = metadata
+        return self._metadata
+
+    def close_keys(self) -> None:
+        """Close the metadata and the key ring (their keys are wiped)."""
+        if self._metadata is not None:
+            self._metadata.close()
+            self._metadata = None
+        if self._keys_stack is not None:
+            self._keys_stack.close()
+            self._keys_stack = self._keys = None
+
+    @contextmanager
+    def admin(self) -> Iterator[HsmAdmin]:
+        """A key management session on the store's token (the key ring closed first)."""
+        assert self._access is not None, "use OfflineStore in a with statement"
+        self.close_keys()
+        admin = HsmAdmin(self._access.module, self._access.token, self._pin)
+        try:
+            yield admin
+        finally:
+            admin.close()
