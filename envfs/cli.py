@@ -20,11 +20,12 @@ from contextlib import ExitStack
 from typing import Any
 
 from . import embedded
-from .errors import EnvfsError, PinError, UsageError
+from .errors import DamageFound, EnvfsError, PinError, UsageError
 from .hsm import HsmAdmin
 from .keys import KeyRing
 from .metadata import ROOT_INODE, Metadata
 from .mount import MountOptions, envfs_mounts, find_mount, hsm_for, mount, store_of_source, token_for, unmount
+from .offline import OfflineStore
 from .store import HsmLocator, KeyVersion, Store, Superblock
 
 log = logging.getLogger("envfs")
@@ -257,6 +258,16 @@ def cmd_retire(args: argparse.Namespace) -> None:
     print(f"{Store(args.store).path}: retired key versions: {versions}")
 
 
+def cmd_fsck(args: argparse.Namespace) -> None:
+    from .fsck import check_store
+
+    with OfflineStore(args.store, read_pin(args.pin_file), "fsck") as offline:
+        summary = check_store(offline, report=lambda line: print(line, flush=True))
+    print(summary.text())
+    if summary.damaged:
+        raise DamageFound(f"{args.store}: {summary.damaged} damaged or inconsistent item(s) found")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="envfs", description="Encrypted filesystem keyed by an HSM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -304,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--pin-file", metavar="FILE")
     p.set_defaults(func=cmd_retire)
+
+    p = sub.add_parser("fsck", help="read and authenticate the whole store; report damage")
+    p.add_argument("store")
+    p.add_argument("--pin-file", metavar="FILE")
+    p.set_defaults(func=cmd_fsck)
 
     p = sub.add_parser("status", help="show a store or mount (all mounts without an argument)")
     p.add_argument("path", nargs="?")

@@ -95,6 +95,12 @@ class NotMounted(EnvfsError):
     exit_code = 32
 
 
+class DamageFound(EnvfsError):
+    """`envfs fsck` found damaged or inconsistent parts of the store."""
+
+    exit_code = 40
+
+
 class IntegrityError(Exception):
     """A block, name or metadata row failed authentication.
 

@@ -29,6 +29,15 @@ def process_gone(pid: int) -> bool:
         return True
 
 
+def flip(path: Path, offset: int) -> None:
+    """Flip the lowest bit of one byte of a file in the store (an attacker's edit)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
 class Envfs:
     """One test's envfs world: XDG_DATA_HOME (token), PIN, store and mountpoint."""
 

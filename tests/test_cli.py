@@ -928,6 +928,7 @@ EXIT_CODES = {
     "BadMountpoint": 30,
     "MountFailed": 31,
     "NotMounted": 32,
+    "DamageFound": 40,
 }
 
 

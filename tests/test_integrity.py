@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Envfs, envfs_mounts, process_gone
+from helpers import Envfs, envfs_mounts, flip, process_gone
 
 from envfs.store import Store
 
@@ -101,14 +101,6 @@ def assert_serving(env: Envfs, control: Path, content: bytes) -> None:
 def write_file(path: Path, data: bytes) -> int:
     path.write_bytes(data)
     return os.stat(path).st_ino
-
-
-def flip(path: Path, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 def log_names(env: Envfs, inode_id: int, index: int | None = None) -> bool:

@@ -133,6 +133,8 @@ def test_rotate_moves_everything_and_changes_nothing_visible(tree: tuple[Envfs, 
     finally:
         db.close()
     assert len(new_names) == len(old_names) and not new_names & old_names
+    checked = env.run("fsck", str(env.store))
+    assert "damaged:   0 (clean)" in checked.stdout and "leftovers: 0" in checked.stdout, checked.stdout
     assert mounted_manifest(env) == before
     # A second rotation goes on to version 3 the same way.
     env.run("rotate", str(env.store), "--quiet")
@@ -276,6 +278,8 @@ def test_rotation_killed_at_any_moment_resumes(store: Envfs) -> None:
     assert key_versions_of_files(store) == {2}
     assert all(name.endswith(".2.0") for name in data_files(store)), data_files(store)
     assert mounted_manifest(store) == expected
+    checked = store.run("fsck", str(store.store))
+    assert "damaged:   0 (clean)" in checked.stdout and "leftovers: 0" in checked.stdout, checked.stdout
 
 
 def test_stopped_after_the_metadata_switch(tree: tuple[Envfs, Manifest], monkeypatch: pytest.MonkeyPatch) -> None:
