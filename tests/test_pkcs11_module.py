@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import PIN, Envfs
 
+from envfs.hsm import HsmAdmin
+
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 
 
@@ -52,3 +54,28 @@ def test_store_on_a_given_module(production_token: Envfs, how: str) -> None:
     result = env.run("mount", str(env.store), str(env.mnt), env=wrong, check=False)
     assert result.returncode == 10 and result.stderr.count("\n") == 1, result.stderr
     assert not Path(env.mnt).is_mount()
+
+
+def test_rotate_retire_and_fsck_on_a_given_module(production_token: Envfs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator tools reach a production module as the mount does."""
+    env = production_token
+    env.init("--pkcs11-module", SOFTHSM, "--token", "vendor")
+    env.mount()
+    data = os.urandom(70_000)
+    (env.mnt / "f").write_bytes(data)
+    env.unmount()
+    env.run("rotate", str(env.store), "--retire")
+    status = env.status()
+    assert status["current_key_version"] == 2 and [k["version"] for k in status["key_versions"]] == [2]
+    # The old master key is gone from the token, the new one is there.
+    monkeypatch.setenv("SOFTHSM2_CONF", env.env["SOFTHSM2_CONF"])
+    labels = {k["version"]: k["label"] for k in json.loads((env.store / "envfs.json").read_text())["keys"]}
+    admin = HsmAdmin(SOFTHSM, "vendor", PIN)
+    try:
+        assert admin.has_key(labels[2])
+        assert not admin.has_key(labels[2].removesuffix("-v2") + "-v1")
+    finally:
+        admin.close()
+    assert "damaged:   0 (clean)" in env.run("fsck", str(env.store)).stdout
+    env.mount()
+    assert (env.mnt / "f").read_bytes() == data

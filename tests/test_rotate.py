@@ -9,6 +9,7 @@ store unreadable.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ENVFS, Envfs
+from helpers import ENVFS, Envfs, flip
 
 from envfs import errors
 
@@ -303,3 +304,38 @@ def test_stopped_after_the_metadata_switch(tree: tuple[Envfs, Manifest], monkeyp
     finished = env.run("rotate", str(env.store))
     assert "resuming the rotation from key version 1 to 2" in finished.stderr
     assert mounted_manifest(env) == before
+
+
+def test_damaged_file_stops_the_rotation_until_it_is_dealt_with(tree: tuple[Envfs, Manifest]) -> None:
+    """A block that fails authentication stops the rotation with the inode named;
+    what was done stays done, the store still mounts, and once the file is
+    deleted the next run finishes."""
+    env, before = tree
+    victim = before["big"][0]
+    (path,) = (env.store / "data").rglob(f"{victim:016x}.1.0")
+    flip(path, 3 * 4124 + 100)
+    stopped = env.run("rotate", str(env.store), check=False)
+    assert stopped.returncode == errors.CorruptStore.exit_code
+    assert f"inode {victim} block 3" in stopped.stderr.strip().splitlines()[-1]
+    status = env.status()
+    assert status["current_key_version"] == 1 and status["rotating_to"] == 2
+    assert any(name.endswith(".2.0") for name in data_files(env))  # the files before it moved
+    checked = env.run("fsck", str(env.store), check=False)
+    assert checked.returncode == errors.DamageFound.exit_code
+    assert f"block: inode {victim} (/big) block 3: fails authentication" in checked.stdout
+    assert "note: a key rotation to key version 2 is in progress" in checked.stdout
+    env.mount()  # the store works in the middle of the rotation
+    try:
+        with pytest.raises(OSError) as raised:
+            (env.mnt / "big").read_bytes()
+        assert raised.value.errno == errno.EIO
+        os.unlink(env.mnt / "big")
+        os.unlink(env.mnt / "big-hardlink")
+        seen = manifest(env.mnt)
+    finally:
+        env.unmount()
+    env.run("rotate", str(env.store))
+    assert env.status()["current_key_version"] == 2
+    assert mounted_manifest(env) == seen
+    # Apart from the deleted file, nothing changed.
+    assert {k: v for k, v in before.items() if k not in ("big", "big-hardlink")} == seen
