@@ -51,6 +51,16 @@ def build_tree(root: Path, files: int = 40) -> None:
         f.truncate(1 << 28)
         f.seek(123_456_789)
         f.write(b"an island in a sea of holes")
+    # A last block stored full (shrunk inside a block) and a hole punched in the middle.
+    with open(root / "shrunk", "wb") as f:
+        f.write(rng.randbytes(5 * 4096))
+        f.truncate(3 * 4096 + 100)
+    with open(root / "punched", "wb") as f:
+        f.write(rng.randbytes(600 * 4096 + 11))
+    subprocess.run(
+        ["fallocate", "--punch-hole", "--offset", str(4096 * 300), "--length", str(4096 * 20), root / "punched"],
+        check=True,
+    )
     os.symlink("dir0/deeper/file-1.bin", root / "link")
     os.symlink("/" + "long-target/" * 300, root / "long-link")
     os.link(root / "big", root / "big-hardlink")
@@ -80,6 +90,11 @@ def manifest(root: Path) -> Manifest:
 
 def data_files(env: Envfs) -> list[str]:
     return sorted(p.name for p in (env.store / "data").rglob("*") if p.is_file())
+
+
+def allocated(env: Envfs) -> int:
+    """Bytes the data files occupy on the backing filesystem."""
+    return sum(p.stat().st_blocks * 512 for p in (env.store / "data").rglob("*") if p.is_file())
 
 
 def key_versions_of_files(env: Envfs) -> set[int]:
@@ -115,8 +130,10 @@ def test_rotate_moves_everything_and_changes_nothing_visible(tree: tuple[Envfs, 
     old_db = sqlite3.connect(env.store / "meta.db")
     old_names = {row[0] for row in old_db.execute("SELECT name FROM dentries")}
     old_db.close()
+    space = allocated(env)
     result = env.run("rotate", str(env.store))
     assert "on key version 2 (from 1)" in result.stdout
+    assert allocated(env) <= space, "holes were filled in"  # the sparse file alone is 256 MiB
     status = env.status()
     assert status["current_key_version"] == 2 and "rotating_to" not in status
     assert [k["version"] for k in status["key_versions"]] == [1, 2]  # kept until retired
