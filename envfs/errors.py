@@ -78,7 +78,8 @@ class StoreBusy(EnvfsError):
 
 
 class RotationUnfinished(EnvfsError):
-    """A key rotation stopped after switching the metadata: `envfs rotate` finishes it."""
+    """A key rotation must be finished (`envfs rotate`) first: a mount right after
+    the rotation switched the metadata, or `retire` during a rotation."""
 
     exit_code = 25
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from .datafile import open_data_file
-from .errors import CorruptStore, IntegrityError
+from .errors import CorruptStore, IntegrityError, RotationUnfinished
 from .keys import KeyRing
 from .metadata import Inode
 from .mount import delete_orphans, remove_stale_data_files
@@ -89,6 +89,8 @@ def rotate(
             target = result.to_version = _begin(offline, import_key, progress)
         else:
             progress(f"resuming the rotation from key version {superblock.current_key_version} to {target}")
+            if import_key is not None:
+                progress(f"(the key of version {target} is in the token already: the key file is not used)")
         metadata = offline.metadata()
         if metadata.rows_key_version() != target:
             delete_orphans(offline.store, metadata)
@@ -107,10 +109,10 @@ def rotate(
 
 def retire(path: str, pin: str, *, progress: Progress = log.info) -> list[int]:
     """Destroy every master key version but the current one; refused during a rotation."""
-    with OfflineStore(path, pin, "rotate") as offline:
+    with OfflineStore(path, pin, "retire") as offline:
         rotating_to = offline.superblock.rotating_to
         if rotating_to is not None:
-            raise CorruptStore(
+            raise RotationUnfinished(
                 f"{offline.store.path}: a rotation to key version {rotating_to} is in progress; "
                 "finish it with `envfs rotate` first"
             )

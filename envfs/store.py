@@ -275,7 +275,7 @@ class Store:
 
     def lock(self, mountpoint: str | None, operation: str = "mount") -> StoreLock:
         """Take the store's lock for a mount (or an operator tool, `operation`
-        "rotate" or "fsck", with no mountpoint); StoreBusy if a live process holds it."""
+        "rotate", "retire" or "fsck", with no mountpoint); StoreBusy if a live process holds it."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

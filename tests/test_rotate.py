@@ -337,6 +337,8 @@ def test_damaged_file_stops_the_rotation_until_it_is_dealt_with(tree: tuple[Envf
     status = env.status()
     assert status["current_key_version"] == 1 and status["rotating_to"] == 2
     assert any(name.endswith(".2.0") for name in data_files(env))  # the files before it moved
+    refused = env.run("retire", str(env.store), check=False)
+    assert refused.returncode == errors.RotationUnfinished.exit_code and "envfs rotate" in refused.stderr
     checked = env.run("fsck", str(env.store), check=False)
     assert checked.returncode == errors.DamageFound.exit_code
     assert f"block: inode {victim} (/big) block 3: fails authentication" in checked.stdout
