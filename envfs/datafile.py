@@ -56,10 +56,10 @@ class _SlotBuffer:
 
 _slots = _SlotBuffer()
 
-# fallocate(2) mode bits (linux/falloc.h).
 # Blocks re-encrypted per read and write by `copy_to` (1 MiB of plaintext).
 _COPY_BLOCKS = 256
 
+# fallocate(2) mode bits (linux/falloc.h).
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10

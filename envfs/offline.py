@@ -9,10 +9,10 @@ terms, so they take turns: `admin()` closes the key ring first.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from types import TracebackType
 
 from .errors import CorruptStore
 from .hsm import HsmAdmin
@@ -23,7 +23,7 @@ from .store import Store, Superblock
 
 
 class OfflineStore:
-    """One store, locked for `operation` ("rotate", "fsck"), with its token at hand."""
+    """One store, locked for `operation` ("rotate", "retire", "fsck"), with its token at hand."""
 
     def __init__(self, path: str, pin: str, operation: str) -> None:
         self.store = Store(path)
@@ -39,6 +39,7 @@ class OfflineStore:
         self._access: TokenAccess | None = None
 
     def __enter__(self) -> OfflineStore:
+        os.umask(0o077)  # what the tool writes (data files, SQLite's -wal and -shm) is the owner's alone
         try:
             self._stack.callback(self.store.lock(None, self._operation).release)
             self.superblock = self.store.read_superblock()
@@ -48,7 +49,7 @@ class OfflineStore:
             raise
         return self
 
-    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close_keys()
         self._stack.close()
 

@@ -134,6 +134,8 @@ def test_rotate_moves_everything_and_changes_nothing_visible(tree: tuple[Envfs, 
     result = env.run("rotate", str(env.store))
     assert "on key version 2 (from 1)" in result.stdout
     assert allocated(env) <= space, "holes were filled in"  # the sparse file alone is 256 MiB
+    for path in [env.store / "envfs.json", *(env.store / "data").rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, f"{path} is open to others"
     status = env.status()
     assert status["current_key_version"] == 2 and "rotating_to" not in status
     assert [k["version"] for k in status["key_versions"]] == [1, 2]  # kept until retired
