@@ -11,6 +11,7 @@ with its traceback and answered with EIO. No request can end the mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -30,7 +31,7 @@ from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE
 from .datafile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DataFile, open_data_file
 from .errors import CorruptStore, EnvfsError, IntegrityError
 from .keys import KeyRing
-from .metadata import ROOT_INODE, Inode, Metadata, NextFile, WalkPosition
+from .metadata import ROOT_INODE, Inode, Metadata, NextFile, WalkPosition, inode_values, restore_inode
 from .names import NAME_MAX, NameCipher
 from .secret import BufferPool, zero_bytes
 from .store import RESERVE_BYTES, Store
@@ -79,6 +80,7 @@ def handler(method: F | None = None, *, frees_space: bool = False) -> Any:
             for attempt in (1, 2):
                 try:
                     result = await method(self, *args)
+                    self._defer_saves()
                     if self._low_space or self.md.commit_due():
                         self.commit()
                     return result
@@ -193,6 +195,14 @@ class Operations(pyfuse3.Operations):
         # Cached inodes whose atime a read changed since their last save: written
         # with the inode's next save or the next group commit (`_save_atimes`).
         self._unsaved_atimes: set[int] = set()
+        # Inode changes that requests outside a transaction made (setattr, write):
+        # written at the next group commit, so that tar's chown, chmod and utimens
+        # of a file and its writes become one row write. `_deferred` holds each
+        # inode's values as the last request that changed it left them;
+        # `_request_saves` the inodes the request being served saved without
+        # writing them.
+        self._deferred: dict[int, tuple[int, ...]] = {}
+        self._request_saves: dict[int, Inode] = {}
         self._lookups: dict[int, int] = {}
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
@@ -218,9 +228,9 @@ class Operations(pyfuse3.Operations):
             self.integrity_errors += 1
             log.error("integrity: %s", error)
             return errno.EIO
-        # The request may have changed cached inodes and then failed to commit:
-        # drop the cache so the next request reads what the database holds.
-        self._drop_caches()
+        # The request may have changed cached inodes and then failed: put them
+        # back as the requests before it left them.
+        self._undo_request()
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._low_space = True  # commit per request until a commit finds room again
@@ -249,14 +259,66 @@ class Operations(pyfuse3.Operations):
         if free < RESERVE_BYTES:
             self.store.release_reserve()
         try:
+            self._write_deferred()
             self._save_atimes()
             self.md.commit()
         except BaseException:
             self._drop_caches()
             raise
 
+    def _write_deferred(self) -> None:
+        """Write the deferred inode changes, and those of the request being
+        served (a commit in the middle of a request must include them: a
+        shrink commits the new size before it cuts the data file); where the
+        request saved an inode, its object is newer than the deferred values."""
+        if not self._deferred and not self._request_saves:
+            return
+        for inode_id, values in self._deferred.items():
+            if inode_id not in self._request_saves:
+                self.md.save_values(values)
+        for inode in self._request_saves.values():
+            self.md.save_inode(inode)
+        self._deferred.clear()
+        self._request_saves.clear()
+
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        """`md.transaction()`, after the deferred changes are written outside it:
+        a transaction that fails must not take acknowledged changes with it, and
+        a deferred inode it saves must not be written again with older values."""
+        self._write_deferred()
+        return self.md.transaction()
+
+    def _defer_saves(self) -> None:
+        """After a request succeeded: what it saved without writing is deferred,
+        with the values the request left."""
+        if not self._request_saves:
+            return
+        for inode_id, inode in self._request_saves.items():
+            self._deferred[inode_id] = inode_values(inode)
+        self._request_saves.clear()
+
+    def _undo_request(self) -> None:
+        """After a request failed: cached inodes go back to their deferred
+        values, or are forgotten (the database holds them), and the caches
+        derived from rows are dropped. The database's own changes of the
+        request were rolled back with its transaction, if it had one."""
+        self._request_saves.clear()
+        for inode_id, inode in list(self._inodes.items()):
+            values = self._deferred.get(inode_id)
+            if values is None:
+                del self._inodes[inode_id]
+            else:
+                restore_inode(inode, values)
+        self._without_xattrs.clear()
+        self._listing_ends.clear()
+        self._dir_parents.clear()
+        self._unsaved_atimes.clear()
+
     def _drop_caches(self) -> None:
-        """Forget everything kept in memory about inodes (`_uncache` for all)."""
+        """Forget everything kept in memory about inodes (`_uncache` for all),
+        deferred changes included: for when the database lost them too."""
+        self._deferred.clear()
+        self._request_saves.clear()
         self._inodes.clear()
         self._without_xattrs.clear()
         self._listing_ends.clear()
@@ -267,7 +329,7 @@ class Operations(pyfuse3.Operations):
         """For the daemon's timers: commit a group that has waited long enough
         (or any, `now`), and atimes that reads changed."""
         try:
-            if self.md.commit_due() or now or self._unsaved_atimes:
+            if self.md.commit_due() or now or self._unsaved_atimes or self._deferred:
                 self.commit()
         except Exception as e:
             self.failed("commit", e)
@@ -297,8 +359,18 @@ class Operations(pyfuse3.Operations):
         return inode
 
     def _save(self, inode: Inode) -> None:
+        """Record a change of a cached inode. Inside a transaction (a change of
+        several rows) and on a nearly full disk it is written at once; else it
+        is deferred to the group commit once the request has succeeded."""
         self._unsaved_atimes.discard(inode.id)
-        self.md.save_inode(inode)
+        if self.md.in_transaction or self._low_space:
+            # What was deferred goes with this write (a transaction starts with
+            # writing what is deferred, so there it is nothing).
+            self._request_saves.pop(inode.id, None)
+            self._deferred.pop(inode.id, None)
+            self.md.save_inode(inode)
+        else:
+            self._request_saves[inode.id] = inode
 
     def _save_atimes(self) -> None:
         """Save the inodes whose atime alone changed, each in its own savepoint:
@@ -316,13 +388,16 @@ class Operations(pyfuse3.Operations):
 
     def _release_cache(self, inode_id: int) -> None:
         if inode_id not in self._lookups and inode_id not in self._open and inode_id != ROOT_INODE:
-            if inode_id in self._unsaved_atimes:
-                self._save(self._inodes[inode_id])
+            if inode_id in self._unsaved_atimes or inode_id in self._deferred or inode_id in self._request_saves:
+                # Written now: the database is what a later request reads it from.
+                self.md.save_inode(self._inodes[inode_id])
             self._uncache(inode_id)
 
     def _uncache(self, inode_id: int) -> None:
         """Forget everything kept in memory about an inode (`_drop_caches` for one)."""
         self._inodes.pop(inode_id, None)
+        self._deferred.pop(inode_id, None)
+        self._request_saves.pop(inode_id, None)
         self._without_xattrs.discard(inode_id)
         self._listing_ends.pop(inode_id, None)
         self._dir_parents.pop(inode_id, None)
@@ -563,7 +638,7 @@ class Operations(pyfuse3.Operations):
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise FUSEError(errno.EINVAL)
         name_ct = self._encrypt_name(parent.id, name)
-        with self.md.transaction():
+        with self._transaction():
             inode = self._new_inode(parent, name_ct, mode, ctx, rdev=rdev)
         return self._lookup_ref(inode)
 
@@ -573,7 +648,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
         name_ct = self._encrypt_name(parent.id, name)
-        with self.md.transaction():
+        with self._transaction():
             inode = self._new_inode(parent, name_ct, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
         return self._lookup_ref(inode)
 
@@ -585,7 +660,7 @@ class Operations(pyfuse3.Operations):
         if len(target) > SYMLINK_MAX:
             raise FUSEError(errno.ENAMETOOLONG)
         name_ct = self._encrypt_name(parent.id, name)
-        with self.md.transaction():
+        with self._transaction():
             inode = self._new_inode(parent, name_ct, stat.S_IFLNK | 0o777, ctx, size=len(target))
             self.md.set_symlink(inode.id, self.names.encrypt_target(inode.id, target))
         return self._lookup_ref(inode)
@@ -608,7 +683,7 @@ class Operations(pyfuse3.Operations):
         name_ct = self._encrypt_name(parent.id, name)
         inode_id = self._next_file_id or self.md.allocate_inode_id()
         try:
-            with self.md.transaction():
+            with self._transaction():
                 inode = self._new_inode(parent, name_ct, stat.S_IFREG | stat.S_IMODE(mode), ctx, inode_id=inode_id)
         except FUSEError as e:
             existing = self._child(parent.id, name_ct) if e.errno == errno.EEXIST else None
@@ -640,7 +715,7 @@ class Operations(pyfuse3.Operations):
         name_ct = self._encrypt_name(parent.id, new_name)
         if inode.nlink == 0:
             raise FUSEError(errno.ENOENT)
-        with self.md.transaction():
+        with self._transaction():
             if not self.md.add_entry(parent.id, name_ct, inode.id):
                 raise FUSEError(errno.EEXIST)
             now = _now()
@@ -673,7 +748,7 @@ class Operations(pyfuse3.Operations):
         if directory and self.md.has_entries(inode.id):
             raise FUSEError(errno.ENOTEMPTY)
         now = _now()
-        with self.md.transaction():
+        with self._transaction():
             self.md.remove_entry(parent.id, name_ct)
             self._drop_link(inode, now)
             if directory:
@@ -712,7 +787,7 @@ class Operations(pyfuse3.Operations):
         if flags & pyfuse3.RENAME_EXCHANGE:
             if target is None:
                 raise FUSEError(errno.ENOENT)
-            with self.md.transaction():
+            with self._transaction():
                 self.md.repoint_entry(old_parent.id, old_ct, target.id)
                 self.md.repoint_entry(new_parent.id, new_ct, source.id)
                 if old_parent.id != new_parent.id and stat.S_ISDIR(source.mode) != stat.S_ISDIR(target.mode):
@@ -738,7 +813,7 @@ class Operations(pyfuse3.Operations):
                     raise FUSEError(errno.ENOTEMPTY)
             elif stat.S_ISDIR(target.mode):
                 raise FUSEError(errno.EISDIR)
-        with self.md.transaction():
+        with self._transaction():
             if target is not None:
                 self.md.remove_entry(new_parent.id, new_ct)
                 self._drop_link(target, now)
@@ -966,7 +1041,18 @@ class Operations(pyfuse3.Operations):
             raise
         # The old file may go only once the new epoch is durable: a commit still in
         # the WAL could be lost on power failure while the unlink reached the disk.
-        self.md.sync()
+        try:
+            self.commit()
+        except BaseException:
+            new.close()  # the failed commit lost the new epoch: the old file is the file
+            raise
+        try:
+            self.md.sync()
+        except (OSError, sqlite3.Error) as e:
+            # The new epoch is committed, so the new file is the file; the old one
+            # is left for the recovery of the next mount after a crash.
+            log.warning("inode %d: checkpoint after re-key failed (%s); old data file kept", inode.id, e)
+            return new
         self.store.remove_data_file(inode.id, inode.key_version, old_epoch)
         return new
 
@@ -1134,7 +1220,7 @@ class Operations(pyfuse3.Operations):
         self._without_xattrs.discard(inode.id)
         if self._xattr_inodes is not None:
             self._xattr_inodes.add(inode.id)
-        with self.md.transaction():
+        with self._transaction():
             self.md.set_xattr(inode.id, name_ct, self.names.encrypt_xattr_value(inode.id, name_ct, value))
             inode.ctime_ns = _now()
             self._save(inode)
@@ -1167,7 +1253,7 @@ class Operations(pyfuse3.Operations):
     @handler(frees_space=True)
     async def removexattr(self, inode_id: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         inode = self._xattr_inode(inode_id, name)
-        with self.md.transaction():
+        with self._transaction():
             if not self.md.remove_xattr(inode.id, self.names.encrypt_xattr_name(inode.id, name)):
                 raise FUSEError(pyfuse3.ENOATTR)
             inode.ctime_ns = _now()
@@ -1190,6 +1276,7 @@ class Operations(pyfuse3.Operations):
                 self._maybe_delete(inode_id)
             except Exception:
                 log.exception("cleaning inode %d at unmount", inode_id)
+        self._write_deferred()
         self._save_atimes()
         self.md.sync()
         # pyfuse3 keeps this object in a module global after the session: drop

@@ -158,7 +158,13 @@ _DENTRY_PREFIX = struct.Struct(">QQ")
 _INODE_MAC_PREFIX = b"envfs inode v1\x00"
 _DENTRY_MAC_PREFIX = b"envfs dentry v1\x00"
 # An inode's column values in _INODE_COLUMNS order, as one tuple.
-_inode_values = operator.attrgetter(*_INODE_COLUMNS)
+inode_values = operator.attrgetter(*_INODE_COLUMNS)
+
+
+def restore_inode(inode: Inode, values: tuple[int, ...]) -> None:
+    """Put back the values `inode_values` took of an inode (same id)."""
+    for column, value in zip(_INODE_COLUMNS, values, strict=True):
+        setattr(inode, column, value)
 
 
 # Queries of `Metadata.next_file`: where an inode is listed (its first entry,
@@ -273,6 +279,11 @@ class Metadata:
             self.db.execute("RELEASE request" if grouped else "COMMIT")
         finally:
             self._depth = 0
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a `transaction()` is open: its changes stand or fall together."""
+        return self._depth > 0
 
     def _change(self, sql: str, parameters: tuple[object, ...]) -> sqlite3.Cursor:
         """Run a statement that changes the database."""
@@ -405,12 +416,16 @@ class Metadata:
         inode = Inode(id=self.allocate_inode_id() if inode_id is None else inode_id, **values)
         self._change(
             f"INSERT INTO inodes ({', '.join(_INODE_COLUMNS)}, mac) VALUES ({', '.join('?' * len(_INODE_COLUMNS))}, ?)",
-            (*_inode_values(inode), self.inode_mac(inode)),
+            (*inode_values(inode), self.inode_mac(inode)),
         )
         return inode
 
     def save_inode(self, inode: Inode) -> None:
-        self._change(_SAVE_INODE, (*_inode_values(inode)[1:], self.inode_mac(inode), inode.id))
+        self._change(_SAVE_INODE, (*inode_values(inode)[1:], self.inode_mac(inode), inode.id))
+
+    def save_values(self, values: tuple[int, ...]) -> None:
+        """`save_inode` of an inode given as its `inode_values`."""
+        self.save_inode(Inode(*values))
 
     def delete_inode(self, inode_id: int, *, symlink: bool = True, xattrs: bool = True) -> None:
         """Delete an inode's rows; `symlink` or `xattrs` False: the caller knows it has none of those."""
@@ -691,7 +706,7 @@ class _RowMacs:
 
     def inode(self, inode: Inode) -> bytes:
         h = self._inode.copy()
-        h.update(_INODE_PACK.pack(*_inode_values(inode)))
+        h.update(_INODE_PACK.pack(*inode_values(inode)))
         return h.finalize()
 
     def dentry(self, parent: int, inode: int, name: bytes) -> bytes:

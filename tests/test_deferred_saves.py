@@ -1,0 +1,109 @@
+"""Deferred inode saves (envfs/fs.py): a change acknowledged to one request must
+survive another request's failure, and a failed request's own changes must not.
+
+These drive `Operations` in this process, on a real store, token and SQLite
+database, without a FUSE mount: a failure in the middle of a request is made
+here by a backing filesystem that reports itself full, which a mount reaches
+only in the low-space mode where nothing is deferred.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+from helpers import PIN, Envfs
+
+from envfs.fs import Operations
+from envfs.metadata import ROOT_INODE
+from envfs.offline import OfflineStore
+
+CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
+
+
+def fields(**changed: bool) -> Any:
+    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid", "update_gid", "update_size")
+    return SimpleNamespace(**{name: changed.get(name, False) for name in names})
+
+
+def attrs(**values: int) -> Any:
+    return SimpleNamespace(**values)
+
+
+@pytest.fixture
+def ops(store: Envfs, monkeypatch: pytest.MonkeyPatch) -> Iterator[Operations]:
+    """Operations on the store, as a mount has them (group commits, prefetched keys)."""
+    for name, value in store.env.items():
+        monkeypatch.setenv(name, value)
+    with OfflineStore(str(store.store), PIN, "mount") as offline:
+        keys, metadata = offline.keys(), offline.metadata()
+        metadata.group_commits()
+        operations = Operations(offline.store, metadata, keys, keys.name_cipher(), rekey_after=1 << 20)
+        try:
+            yield operations
+        finally:
+            operations.destroy()
+
+
+def call(method: Any, *args: Any) -> Any:
+    return trio.run(method, *args)
+
+
+def new_file(ops: Operations, name: bytes) -> tuple[int, int]:
+    info, entry = call(ops.create, ROOT_INODE, name, stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    return entry.st_ino, info.fh
+
+
+def stored_mode(ops: Operations, inode_id: int) -> int:
+    inode = ops.md.get_inode(inode_id)
+    assert inode is not None
+    return inode.mode
+
+
+def test_a_deferred_change_survives_a_failed_request(ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, a_fh = new_file(ops, b"a")
+    b, b_fh = new_file(ops, b"b")
+    call(ops.release, a_fh)
+    ops.commit()
+    call(ops.setattr, a, attrs(st_mode=0o100600, st_ctime_ns=0), fields(update_mode=True), None, CTX)
+    assert stored_mode(ops, a) & 0o777 == 0o644, "the chmod was written at once, not deferred"
+    # The disk is full now: b's write fails after it changed b in memory.
+    monkeypatch.setattr(ops.store, "free_bytes", lambda: 0)
+    ops._room = 0
+    with pytest.raises(pyfuse3_error()) as failed:
+        call(ops.write, b_fh, 0, b"x" * 10_000)
+    assert failed.value.errno == 28
+    ops.commit()  # ENOSPC already committed; on a full disk every request commits
+    assert stored_mode(ops, a) & 0o777 == 0o600, "a's acknowledged chmod was lost with b's failure"
+    b_row = ops.md.get_inode(b)
+    assert b_row is not None and b_row.size == 0
+    call(ops.release, b_fh)
+
+
+def test_a_failed_request_leaves_no_change_behind(ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, a_fh = new_file(ops, b"a")
+    call(ops.write, a_fh, 0, b"first")
+    ops.commit()
+    call(ops.setattr, a, attrs(st_mode=0o100640, st_ctime_ns=0), fields(update_mode=True), None, CTX)
+    call(ops.write, a_fh, 5, b" second")  # deferred, with the chmod
+    monkeypatch.setattr(ops.store, "free_bytes", lambda: 0)
+    ops._room = 0
+    with pytest.raises(pyfuse3_error()):
+        call(ops.write, a_fh, 12, b"x" * 100_000)
+    ops.commit()
+    row = ops.md.get_inode(a)
+    assert row is not None and row.size == 12 and row.mode & 0o777 == 0o640
+    attributes = call(ops.getattr, a, CTX)
+    assert attributes.st_size == 12 and attributes.st_mode & 0o777 == 0o640
+    call(ops.release, a_fh)
+
+
+def pyfuse3_error() -> type[BaseException]:
+    import pyfuse3
+
+    return pyfuse3.FUSEError
