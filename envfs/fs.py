@@ -945,8 +945,8 @@ class Operations(pyfuse3.Operations):
         does, with the inode's next save or at the next group commit (within
         GROUP_SECONDS): a read then costs no row write of its own, and a
         crash loses at most the atimes of that window, as it loses the
-        group's other changes (so does a failed request, which drops the
-        inode cache)."""
+        group's other changes (so does a failed request, which forgets
+        unsaved atimes)."""
         if (
             inode.atime_ns <= inode.mtime_ns
             or inode.atime_ns <= inode.ctime_ns
