@@ -20,7 +20,7 @@ import sqlite3
 import stat
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -195,14 +195,16 @@ class Operations(pyfuse3.Operations):
         # Cached inodes whose atime a read changed since their last save: written
         # with the inode's next save or the next group commit (`_save_atimes`).
         self._unsaved_atimes: set[int] = set()
-        # Inode changes that requests outside a transaction made (setattr, write):
-        # written at the next group commit, so that tar's chown, chmod and utimens
-        # of a file and its writes become one row write. `_deferred` holds each
+        # Inode changes are written at the next group commit, so that tar's
+        # chown, chmod and utimens of a file and its writes, or a directory's
+        # touch per entry added, become one row write. `_deferred` holds each
         # inode's values as the last request that changed it left them;
-        # `_request_saves` the inodes the request being served saved without
-        # writing them.
+        # `_request_saves` the inodes the request being served saved, and
+        # `_transaction_saves` those saved inside its open transaction, which
+        # count only if that transaction does.
         self._deferred: dict[int, tuple[int, ...]] = {}
         self._request_saves: dict[int, Inode] = {}
+        self._transaction_saves: dict[int, Inode] | None = None
         self._lookups: dict[int, int] = {}
         self._open: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
@@ -281,12 +283,23 @@ class Operations(pyfuse3.Operations):
         self._deferred.clear()
         self._request_saves.clear()
 
-    def _transaction(self) -> contextlib.AbstractContextManager[None]:
-        """`md.transaction()`, after the deferred changes are written outside it:
-        a transaction that fails must not take acknowledged changes with it, and
-        a deferred inode it saves must not be written again with older values."""
-        self._write_deferred()
-        return self.md.transaction()
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """`md.transaction()` for rows that change together, whose inode saves
+        join the request's only if it commits: a rolled-back transaction's
+        changes to cached inodes are undone with the request's failure."""
+        if self._transaction_saves is not None:
+            with self.md.transaction():
+                yield
+            return
+        saves: dict[int, Inode] = {}
+        self._transaction_saves = saves
+        try:
+            with self.md.transaction():
+                yield
+        finally:
+            self._transaction_saves = None
+        self._request_saves.update(saves)
 
     def _defer_saves(self) -> None:
         """After a request succeeded: what it saved without writing is deferred,
@@ -359,16 +372,17 @@ class Operations(pyfuse3.Operations):
         return inode
 
     def _save(self, inode: Inode) -> None:
-        """Record a change of a cached inode. Inside a transaction (a change of
-        several rows) and on a nearly full disk it is written at once; else it
-        is deferred to the group commit once the request has succeeded."""
+        """Record a change of a cached inode: deferred to the group commit once
+        the request (and the transaction it is in) has succeeded. On a nearly
+        full disk it is written at once, so that a lack of room is this
+        request's error (nothing is deferred then: each request commits)."""
         self._unsaved_atimes.discard(inode.id)
-        if self.md.in_transaction or self._low_space:
-            # What was deferred goes with this write (a transaction starts with
-            # writing what is deferred, so there it is nothing).
+        if self._low_space:
             self._request_saves.pop(inode.id, None)
             self._deferred.pop(inode.id, None)
             self.md.save_inode(inode)
+        elif self._transaction_saves is not None:
+            self._transaction_saves[inode.id] = inode
         else:
             self._request_saves[inode.id] = inode
 
@@ -388,7 +402,10 @@ class Operations(pyfuse3.Operations):
 
     def _release_cache(self, inode_id: int) -> None:
         if inode_id not in self._lookups and inode_id not in self._open and inode_id != ROOT_INODE:
-            if inode_id in self._unsaved_atimes or inode_id in self._deferred or inode_id in self._request_saves:
+            if (
+                inode_id in self._unsaved_atimes or inode_id in self._deferred or inode_id in self._request_saves
+                or (self._transaction_saves is not None and inode_id in self._transaction_saves)
+            ):  # fmt: skip
                 # Written now: the database is what a later request reads it from.
                 self.md.save_inode(self._inodes[inode_id])
             self._uncache(inode_id)
@@ -398,6 +415,8 @@ class Operations(pyfuse3.Operations):
         self._inodes.pop(inode_id, None)
         self._deferred.pop(inode_id, None)
         self._request_saves.pop(inode_id, None)
+        if self._transaction_saves is not None:
+            self._transaction_saves.pop(inode_id, None)
         self._without_xattrs.discard(inode_id)
         self._listing_ends.pop(inode_id, None)
         self._dir_parents.pop(inode_id, None)

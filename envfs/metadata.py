@@ -280,11 +280,6 @@ class Metadata:
         finally:
             self._depth = 0
 
-    @property
-    def in_transaction(self) -> bool:
-        """Whether a `transaction()` is open: its changes stand or fall together."""
-        return self._depth > 0
-
     def _change(self, sql: str, parameters: tuple[object, ...]) -> sqlite3.Cursor:
         """Run a statement that changes the database."""
         if self._grouping:

@@ -9,6 +9,7 @@ only in the low-space mode where nothing is deferred.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -107,3 +108,35 @@ def pyfuse3_error() -> type[BaseException]:
     import pyfuse3
 
     return pyfuse3.FUSEError
+
+
+def test_a_rolled_back_transaction_takes_only_its_own_changes(ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mkdir fails inside its transaction after it raised the parent's link count:
+    the entry, the new inode and the parent's change go; a chmod acknowledged
+    before stays."""
+    a, a_fh = new_file(ops, b"a")
+    call(ops.release, a_fh)
+    ops.commit()
+    call(ops.setattr, a, attrs(st_mode=0o100600, st_ctime_ns=0), fields(update_mode=True), None, CTX)
+    touch = Operations._touch_dir
+
+    def touch_then_fail(self: Operations, directory: Any, now: int) -> None:
+        touch(self, directory, now)
+        raise OSError(errno.EIO, "the disk failed")
+
+    monkeypatch.setattr(Operations, "_touch_dir", touch_then_fail)
+    with pytest.raises(pyfuse3_error()) as failed:
+        call(ops.mkdir, ROOT_INODE, b"d", stat.S_IFDIR | 0o755, CTX)
+    assert failed.value.errno == errno.EIO
+    monkeypatch.setattr(Operations, "_touch_dir", touch)
+    assert call(ops.getattr, ROOT_INODE, CTX).st_nlink == 2
+    assert call(ops.lookup, ROOT_INODE, b"d", CTX).st_ino == 0
+    ops.commit()
+    root = ops.md.get_inode(ROOT_INODE)
+    assert root is not None and root.nlink == 2
+    assert stored_mode(ops, a) & 0o777 == 0o600
+    # The next mkdir works and counts once.
+    call(ops.mkdir, ROOT_INODE, b"d", stat.S_IFDIR | 0o755, CTX)
+    ops.commit()
+    root = ops.md.get_inode(ROOT_INODE)
+    assert root is not None and root.nlink == 3
