@@ -268,6 +268,14 @@ def cmd_fsck(args: argparse.Namespace) -> None:
         raise DamageFound(f"{args.store}: {summary.damaged} damaged or inconsistent item(s) found")
 
 
+def _tool_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand of the operator tools: an unmounted STORE and the token's PIN."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    p.add_argument("store")
+    p.add_argument("--pin-file", metavar="FILE")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="envfs", description="Encrypted filesystem keyed by an HSM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -300,10 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(func=cmd_unmount)
 
-    p = sub.add_parser("rotate", help="move the store to a new master key version (resumes an interrupted one)")
-    p.add_argument("store")
+    p = _tool_parser(sub, "rotate", "move the store to a new master key version (resumes an interrupted one)")
     p.add_argument("--retire", action="store_true", help="then destroy the older key versions in the token")
-    p.add_argument("--pin-file", metavar="FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument(
         "--import-master-key-file", metavar="FILE",
@@ -311,15 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=cmd_rotate)
 
-    p = sub.add_parser("retire", help="destroy every master key version but the current one")
-    p.add_argument("store")
-    p.add_argument("--pin-file", metavar="FILE")
-    p.set_defaults(func=cmd_retire)
-
-    p = sub.add_parser("fsck", help="read and authenticate the whole store; report damage")
-    p.add_argument("store")
-    p.add_argument("--pin-file", metavar="FILE")
-    p.set_defaults(func=cmd_fsck)
+    _tool_parser(sub, "retire", "destroy every master key version but the current one").set_defaults(func=cmd_retire)
+    _tool_parser(sub, "fsck", "read and authenticate the whole store; report damage").set_defaults(func=cmd_fsck)
 
     p = sub.add_parser("status", help="show a store or mount (all mounts without an argument)")
     p.add_argument("path", nargs="?")

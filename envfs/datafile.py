@@ -422,8 +422,9 @@ class DataFile:
 
     def copy_to(self, other: DataFile, size: int) -> int:
         """Re-encrypt every non-hole block under `other`'s cipher (re-key,
-        rotation); return the blocks encrypted. Works through runs of up to
-        _COPY_BLOCKS blocks: one read, AES-GCM of the run in C, one write."""
+        rotation), durably (`other` is fsynced); return the blocks encrypted.
+        Works through runs of up to _COPY_BLOCKS blocks: one read, AES-GCM of
+        the run in C, one write."""
         count = block_count(size)
         run = min(count, _COPY_BLOCKS)  # buffers no larger than the file: most files are small
         slots, plain, out = bytearray(run * SLOT_SIZE), bytearray(run * BLOCK_SIZE), bytearray(run * SLOT_SIZE)
@@ -448,6 +449,7 @@ class DataFile:
         finally:
             zero_buffer(plain)
         other._set_length(min_data_length(size))
+        os.fsync(other.fd)
         return writes
 
     def _copy_run(

@@ -1047,7 +1047,6 @@ class Operations(pyfuse3.Operations):
         )
         try:
             writes = old.copy_to(new, inode.size)
-            os.fsync(new.fd)
             self.store.sync_data_dir(inode.id)
             inode.key_epoch = new_epoch
             inode.block_writes = writes

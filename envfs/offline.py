@@ -80,10 +80,10 @@ class OfflineStore:
             except sqlite3.DatabaseError as e:
                 metadata.close()
                 raise CorruptStore(f"{path}: metadata database unreadable: {e}") from e
+            if rows_version != self.superblock.rotating_to:
+                self.superblock.check_metadata_key_version(rows_version)  # else the tool finishes that rotation
             if rows_version != self.superblock.current_key_version:
                 metadata.close()
-                if rows_version != self.superblock.rotating_to:
-                    self.superblock.check_metadata_key_version(rows_version)  # raises
                 metadata = Metadata(path, keys.metadata_mac(rows_version))
             self._metadata = metadata
         return self._metadata

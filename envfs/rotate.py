@@ -26,7 +26,6 @@ disk blocks), and drops them from the superblock.
 from __future__ import annotations
 
 import logging
-import os
 import stat
 import time
 from collections.abc import Callable
@@ -212,7 +211,6 @@ def _copy_data(store: Store, keys: KeyRing, inode: Inode, version: int) -> int:
         )
         try:
             writes = old.copy_to(new, inode.size)
-            os.fsync(new.fd)
         except BaseException:
             new.close()
             store.remove_data_file(inode.id, version, 0)
