@@ -23,6 +23,7 @@ from .errors import HsmError, TokenNotFound
 from .secret import die_with_parent
 
 TOKEN_LABEL = "envfs"
+RUNTIME_PREFIX = "envfs-p11-"
 SOFTHSM_MODULE_CANDIDATES = (
     "/usr/lib/softhsm/libsofthsm2.so",
     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
@@ -104,6 +105,31 @@ def _accepts(socket_path: str) -> bool:
     return True
 
 
+def remove_stale_runtimes(min_age: float = 60.0) -> int:
+    """Remove the socket directories of token servers that are gone; return how many.
+
+    A daemon killed with SIGKILL cannot remove its server's directory (the
+    server dies with it), so each start sweeps up what earlier ones left: a
+    directory of ours, older than `min_age` seconds, whose socket no server
+    listens on. A server that is starting has a young directory; one that
+    runs answers on its socket.
+    """
+    removed = 0
+    root = Path(tempfile.gettempdir())
+    for runtime in root.glob(RUNTIME_PREFIX + "*"):
+        try:
+            info = runtime.lstat()
+        except OSError:
+            continue
+        if info.st_uid != os.getuid() or not runtime.is_dir() or runtime.is_symlink():
+            continue
+        if time.time() - info.st_mtime < min_age or _accepts(str(runtime / "p11.sock")):
+            continue
+        shutil.rmtree(runtime, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def _python() -> str:
     import sys
 
@@ -126,7 +152,8 @@ class TokenServer:
         if shutil.which("p11-kit") is None:
             raise HsmError("p11-kit not found: install the Debian package p11-kit")
         module = _first_existing(SOFTHSM_MODULE_CANDIDATES, "softhsm2")
-        self._runtime = tempfile.mkdtemp(prefix="envfs-p11-")
+        remove_stale_runtimes()
+        self._runtime = tempfile.mkdtemp(prefix=RUNTIME_PREFIX)
         socket_path = os.path.join(self._runtime, "p11.sock")
         env = _server_environment(self.token.config)
         log_path = os.path.join(self._runtime, "server.log")

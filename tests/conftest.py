@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import Envfs, envfs_mounts, process_gone  # noqa: E402
 
+from envfs import embedded  # noqa: E402
+
 
 @pytest.fixture
 def envfs(tmp_path: Path) -> Iterator[Envfs]:
@@ -45,7 +47,7 @@ def mounted(store: Envfs) -> Path:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Leave no envfs mount or daemon of this session behind, whatever happened."""
+    """Leave no envfs mount, daemon or token server socket of this session behind."""
     roots = [str(root) for root in Envfs.created]
     if not roots:
         return
@@ -67,3 +69,5 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             deadline = time.monotonic() + 5
             while not process_gone(int(pid_dir.name)) and time.monotonic() < deadline:
                 time.sleep(0.05)
+    # Daemons the tests killed on purpose left their token servers' socket directories.
+    embedded.remove_stale_runtimes(min_age=0)

@@ -7,10 +7,13 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 from helpers import Envfs, process_gone
+
+from envfs import embedded
 
 
 def _counters(env: Envfs) -> dict[str, int]:
@@ -165,6 +168,27 @@ def test_orphans_of_a_killed_daemon_are_cleaned_at_next_mount(store: Envfs) -> N
     assert (store.mnt / "keep").read_text() == "kept"
     assert len(list((store.store / "data").rglob("*.*.*"))) == 1
     assert "orphan inode" in store.log_text()
+
+
+def _token_server_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob(embedded.RUNTIME_PREFIX + "*"))
+
+
+def test_socket_directory_of_a_killed_daemon_is_swept(store: Envfs) -> None:
+    """The token server's socket directory outlives a daemon killed with SIGKILL;
+    the sweep that every start runs removes it, and never a live server's."""
+    before = _token_server_dirs()
+    store.mount()
+    (killed,) = _token_server_dirs() - before
+    _kill_daemon(store)
+    assert (killed / "p11.sock").exists()
+    store.mount()
+    (live,) = _token_server_dirs() - before - {killed}
+    assert embedded.remove_stale_runtimes(min_age=0) >= 1
+    assert not killed.exists()
+    assert live.is_dir()
+    (store.mnt / "still").write_text("served")
+    assert (store.mnt / "still").read_text() == "served"
 
 
 def test_a_killed_daemon_loses_only_uncommitted_changes(store: Envfs) -> None:
