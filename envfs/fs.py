@@ -30,7 +30,7 @@ from pyfuse3 import FUSEError
 from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE
 from .datafile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DataFile, open_data_file
 from .errors import CorruptStore, EnvfsError, IntegrityError
-from .keys import KeyRing
+from .keys import PREFETCH_DEPTH, KeyRing
 from .metadata import ROOT_INODE, Inode, Metadata, NextFile, WalkPosition, inode_values, restore_inode
 from .names import NAME_MAX, NameCipher
 from .secret import BufferPool, zero_bytes
@@ -215,9 +215,10 @@ class Operations(pyfuse3.Operations):
         # The id, allocated in advance, of the next file `create` makes; its
         # key is being prefetched.
         self._next_file_id: int | None = None
-        # The file whose key was prefetched at the last first open, where the
-        # walk that guessed it stands, and how many such guesses in a row missed.
-        self._guessed_next: int | None = None
+        # The files whose keys first opens prefetched and no first open has
+        # reached yet, in walk order; where the walk that guessed them stands;
+        # and how many first opens in a row missed the guesses.
+        self._guessed: list[int] = []
         self._guessed_at: WalkPosition = ()
         self._guess_misses = 0
         self.rekeys = 0
@@ -873,11 +874,12 @@ class Operations(pyfuse3.Operations):
         if not stat.S_ISREG(inode.mode):
             raise FUSEError(errno.ENXIO)
         # The guess runs its queries while the HSM may still be deriving this
-        # file's own key (prefetched at the previous open).
-        guess = self._guess_next_file(inode) if inode.id not in self._open else None
+        # file's own key (prefetched at an earlier open).
+        guesses = self._guess_next_files(inode) if inode.id not in self._open else []
         info = self._open_handle(inode, flags)
-        if guess is not None and guess[0].id not in self._open:
-            self._prefetch_guessed(*guess)
+        for following in guesses:
+            if following.id not in self._open:
+                self._prefetch_guessed(following)
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             try:
                 self._truncate(inode, 0, _now())
@@ -886,43 +888,56 @@ class Operations(pyfuse3.Operations):
                 raise
         return info
 
-    def _prefetch_guessed(self, following: NextFile, position: WalkPosition) -> None:
-        """Derive the guessed next file's key ahead. The guess comes from rows
-        nobody authenticated: a key version the store lacks, or values that do
-        not fit the key's HKDF info (struct.error), only end the guess."""
+    def _prefetch_guessed(self, following: NextFile) -> None:
+        """Derive a guessed file's key ahead. The guess comes from rows nobody
+        authenticated: a key version the store lacks, or values that do not
+        fit the key's HKDF info (struct.error), only spare the derivation."""
         try:
             self.keys.prefetch_file_cipher(following.id, following.key_version, following.key_epoch)
         except (CorruptStore, struct.error) as e:
             log.debug("no key prefetch for inode %d: %s", following.id, e)
-            return
-        self._guessed_next, self._guessed_at = following.id, position
 
-    def _guess_next_file(self, opened: Inode) -> tuple[NextFile, WalkPosition] | None:
-        """The file to derive a key for ahead, at the first open of `opened`.
+    def _guess_next_files(self, opened: Inode) -> list[NextFile]:
+        """The files to derive keys for ahead, at the first open of `opened`.
 
         Readers of a whole tree (md5sum, grep -r, tar c, cp -r out of the
         mount) open files in the order of a depth-first walk in listing
-        order, so the next first open mostly finds its key ready, and the
-        walk goes on from where the last guess left it. Where the guesses
-        keep missing (random access), only every 32nd open guesses, to spare
-        the HSM wasted derivations.
+        order. So a first open that reaches a guessed file finds its key
+        ready, and the walk goes on from where the last guess left it, to
+        keep PREFETCH_DEPTH keys ahead of the reader. Where the guesses keep
+        missing (random access), only every 32nd open guesses, and only
+        one file, to spare the HSM wasted derivations.
         """
+        wanted, after = PREFETCH_DEPTH, opened.id
         walk: WalkPosition = ()
-        if self._guessed_next is not None:
-            hit = opened.id == self._guessed_next
-            self._guess_misses = 0 if hit else self._guess_misses + 1
-            walk = self._guessed_at if hit else ()
-            self._guessed_next, self._guessed_at = None, ()
-        if self._guess_misses >= 4 and self.data_opens % 32:
-            return None
+        if self._guessed:
+            if opened.id in self._guessed:
+                self._guess_misses = 0
+                after, walk = self._guessed[-1], self._guessed_at
+                del self._guessed[: self._guessed.index(opened.id) + 1]
+                wanted -= len(self._guessed)
+            else:
+                self._guess_misses += 1
+                self._guessed, self._guessed_at = [], ()
+        if self._guess_misses >= 4:
+            if self.data_opens % 32:
+                return []
+            wanted = 1
+        found: list[NextFile] = []
         try:
-            return self.md.next_file(opened.id, walk)
+            while len(found) < wanted and (step := self.md.next_file(after, walk)) is not None:
+                following, walk = step
+                after = following.id
+                found.append(following)
         except sqlite3.Error as e:
             log.debug("no key prefetch after inode %d: %s", opened.id, e)  # the open itself will say
-            return None
+        if found:
+            self._guessed += [following.id for following in found]
+            self._guessed_at = walk
+        return found
 
     def drop_stale_prefetch(self) -> None:
-        """For the daemon's timers: wipe a prefetched key that nothing has used for a while."""
+        """For the daemon's timers: wipe prefetched keys that nothing has used for a while."""
         self.keys.drop_prefetched(older_than=PREFETCH_MAX_AGE)
 
     def _handle(self, fh: int) -> tuple[Handle, Inode, OpenFile]:

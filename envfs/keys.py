@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from hmac import compare_digest
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives import hashes, hmac
 
@@ -26,6 +28,9 @@ from .store import Superblock
 log = logging.getLogger(__name__)
 
 CHECK_VALUE_BYTES = 16
+# How many file keys may be derived ahead at once: two absorb the jitter of the
+# HSM's round trips when a reader opens files faster than one derivation takes.
+PREFETCH_DEPTH = 2
 _SUPERBLOCK_MAC_LABEL = b"envfs superblock v1\x00"
 
 
@@ -43,8 +48,8 @@ class KeyRing:
         # and the key thread (`_thread`) shares this one.
         self._hsm_lock = threading.Lock()
         self._hsm_thread: ThreadPoolExecutor | None = None
-        self._prefetched: tuple[tuple[int, int, int], Secret, Future[None]] | None = None
-        self._prefetched_at = 0.0
+        # Keys derived ahead, oldest first, at most PREFETCH_DEPTH of them.
+        self._prefetched: deque[_Prefetched] = deque()
 
     def _derive(self, key_version: int, info: bytes) -> Secret:
         self.derivations += 1
@@ -123,22 +128,24 @@ class KeyRing:
             key.wipe()
 
     def file_cipher(self, inode_id: int, key_version: int, key_epoch: int) -> BlockCipher:
-        """The data cipher of one file: from the prefetched key if it is this file's."""
-        prefetched, self._prefetched = self._prefetched, None
-        if prefetched is not None:
-            wanted, dek, future = prefetched
-            if wanted != (inode_id, key_version, key_epoch):
-                _discard(dek, future)
+        """The data cipher of one file: from its prefetched key if there is one.
+
+        Keys prefetched before it are for files that were skipped, and are
+        wiped; those after it stay, for the files that come next.
+        """
+        wanted = (inode_id, key_version, key_epoch)
+        if any(prefetched.wanted == wanted for prefetched in self._prefetched):
+            while (prefetched := self._prefetched.popleft()).wanted != wanted:
+                prefetched.discard()
+            try:
+                prefetched.future.result()
+            except Exception as e:
+                prefetched.dek.wipe()
+                log.warning("prefetched key for inode %d failed (%s); deriving it again", inode_id, e)
             else:
-                try:
-                    future.result()
-                except Exception as e:
-                    dek.wipe()
-                    log.warning("prefetched key for inode %d failed (%s); deriving it again", inode_id, e)
-                else:
-                    self.prefetch_hits += 1
-                    with dek:
-                        return BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
+                self.prefetch_hits += 1
+                with prefetched.dek:
+                    return BlockCipher(prefetched.dek, self.superblock.uuid, inode_id, key_version, key_epoch)
         info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
         with self._derive(key_version, info) as dek:
             cipher = BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
@@ -146,29 +153,30 @@ class KeyRing:
         return cipher
 
     def prefetch_file_cipher(self, inode_id: int, key_version: int, key_epoch: int) -> None:
-        """Start deriving the key of a file about to be created, in a thread.
+        """Start deriving the key of a file about to be opened or created, in a thread.
 
-        The HSM round trips (most of a create's cost) then overlap with the
-        requests that come before the create; `file_cipher` collects the
-        result. Once the key is out, the thread arms the derivation after it.
-        At most one prefetched key exists; an unused one is wiped.
+        The HSM round trips (most of a create's cost, and of a first open's)
+        then overlap with the requests that come before the open or create;
+        `file_cipher` collects the result. The thread derives the keys in
+        the order asked for, and once a key is out it arms the derivation
+        after it. At most PREFETCH_DEPTH prefetched keys exist: the oldest
+        is wiped to make room.
         """
-        self.drop_prefetched()
+        while len(self._prefetched) >= PREFETCH_DEPTH:
+            self._prefetched.popleft().discard()
         label = self.superblock.key(key_version).label
         info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
         dek = Secret(DERIVED_KEY_BYTES)
         self.derivations += 1
         future: Future[None] = Future()
         self._thread().submit(self._derive_ahead, label, info, dek, future)
-        self._prefetched = ((inode_id, key_version, key_epoch), dek, future)
-        self._prefetched_at = time.monotonic()
+        self._prefetched.append(_Prefetched((inode_id, key_version, key_epoch), dek, future, time.monotonic()))
 
     def drop_prefetched(self, *, older_than: float = 0.0) -> None:
-        """Wipe the prefetched key (if it is older than `older_than` seconds)."""
-        if self._prefetched is None or time.monotonic() - self._prefetched_at < older_than:
-            return
-        prefetched, self._prefetched = self._prefetched, None
-        _discard(*prefetched[1:])
+        """Wipe the prefetched keys (those older than `older_than` seconds)."""
+        now = time.monotonic()
+        while self._prefetched and now - self._prefetched[0].at >= older_than:
+            self._prefetched.popleft().discard()
 
     def close(self) -> None:
         self.drop_prefetched()
@@ -178,6 +186,15 @@ class KeyRing:
         self._metadata_macs.clear()
 
 
-def _discard(dek: Secret, future: Future[None]) -> None:
-    """Wipe a prefetched key nobody will use, once its derivation is done."""
-    future.add_done_callback(lambda _: dek.wipe())
+class _Prefetched(NamedTuple):
+    """A file key being derived ahead: for which (inode, key version, key
+    epoch), into which secret, done when `future` is, asked for `at`."""
+
+    wanted: tuple[int, int, int]
+    dek: Secret
+    future: Future[None]
+    at: float
+
+    def discard(self) -> None:
+        """Wipe the key, once its derivation is done: nobody will use it."""
+        self.future.add_done_callback(lambda _: self.dek.wipe())

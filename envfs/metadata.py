@@ -171,10 +171,6 @@ def restore_inode(inode: Inode, values: tuple[int, ...]) -> None:
 # for a hard link), and the entry listed after a position, with what the walk
 # and a key derivation need of its inode.
 _ENTRY_OF_INODE = "SELECT parent, id FROM dentries WHERE inode=? ORDER BY id LIMIT 1"
-_ENTRY_AFTER = (
-    "SELECT d.id, d.inode, i.mode, i.key_version, i.key_epoch FROM dentries d "
-    "JOIN inodes i ON i.id=d.inode WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT 1"
-)
 # An inode row's columns in a query that joins `inodes i`.
 _INODE_FIELDS = ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + ", i.mac"
 _GET_INODE = f"SELECT {_INODE_FIELDS} FROM inodes i WHERE i.id=?"
@@ -186,10 +182,29 @@ _ENTRY_AND_INODE = (
 )
 
 
-# Where a depth-first walk in listing order stands (`Metadata.next_file`):
-# the (parent, entry id) of the entry it reached, after those of the
-# directories above it that the walk went down through.
-WalkPosition = tuple[tuple[int, int], ...]
+# A directory's entries in listing order after an entry id, with what the walk
+# of `Metadata.next_file` needs of their inodes.
+_ENTRIES_AFTER = (
+    "SELECT d.id, d.inode, i.mode, i.key_version, i.key_epoch FROM dentries d "
+    "JOIN inodes i ON i.id=d.inode WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?"
+)
+# How many entries of a directory the walk reads per query.
+WALK_READ_AHEAD = 32
+
+
+class WalkFrame(NamedTuple):
+    """A directory the walk of `Metadata.next_file` is in: the entry it reached,
+    and the entries after it that it read ahead (all there are, if `complete`)."""
+
+    parent: int
+    after: int
+    ahead: tuple[tuple[int, int, int, int, int], ...] = ()
+    complete: bool = False
+
+
+# Where a depth-first walk in listing order stands: the frame of the entry it
+# reached, after those of the directories above it that it went down through.
+WalkPosition = tuple[WalkFrame, ...]
 
 
 class NextFile(NamedTuple):
@@ -489,7 +504,9 @@ class Metadata:
 
         `walk` is the position this method returned with `inode_id`, if it
         did: the walk then goes on from there without looking up where
-        `inode_id` and the directories above it are listed. Nothing the walk
+        `inode_id` and the directories above it are listed, and takes the
+        entries it read ahead there: a query per WALK_READ_AHEAD entries of
+        a directory, not one per step. Nothing the walk
         reads is authenticated, the file found included: it is a guess at what
         is opened next (a stale position or an edited row just guesses wrong),
         and a key derived ahead is only used by an open whose own,
@@ -500,24 +517,26 @@ class Metadata:
             entry = self.db.execute(_ENTRY_OF_INODE, (inode_id,)).fetchone()
             if entry is None:
                 return None
-            frames.append(entry)
+            frames.append(WalkFrame(*entry))
         for _ in range(max_steps):
-            parent, after = frames[-1]
-            row = self.db.execute(_ENTRY_AFTER, (parent, after)).fetchone()
-            if row is None:  # up a level
+            frame = frames[-1]
+            if not frame.ahead and not frame.complete:
+                rows = self.db.execute(_ENTRIES_AFTER, (frame.parent, frame.after, WALK_READ_AHEAD)).fetchall()
+                frame = WalkFrame(frame.parent, frame.after, tuple(rows), len(rows) < WALK_READ_AHEAD)
+            if not frame.ahead:  # up a level
                 frames.pop()
                 if not frames:
-                    entry = self.db.execute(_ENTRY_OF_INODE, (parent,)).fetchone()
+                    entry = self.db.execute(_ENTRY_OF_INODE, (frame.parent,)).fetchone()
                     if entry is None:
                         return None
-                    frames.append(entry)
+                    frames.append(WalkFrame(*entry))
                 continue
-            entry_id, child, mode, key_version, key_epoch = row
-            frames[-1] = (parent, entry_id)
+            entry_id, child, mode, key_version, key_epoch = frame.ahead[0]
+            frames[-1] = WalkFrame(frame.parent, entry_id, frame.ahead[1:], frame.complete)
             if stat.S_ISREG(mode):
                 return NextFile(child, key_version, key_epoch), tuple(frames)
             if stat.S_ISDIR(mode):
-                frames.append((child, 0))  # down
+                frames.append(WalkFrame(child, 0))  # down
         return None
 
     def has_entries(self, parent: int) -> bool:

@@ -62,6 +62,26 @@ def test_one_derivation_per_open_file(store: Envfs) -> None:
     assert held["open_files"] == 1
 
 
+def test_keys_are_derived_two_files_ahead_and_a_skipped_file_wastes_one(store: Envfs) -> None:
+    store.mount()
+    for i in range(6):
+        (store.mnt / f"f{i}").write_bytes(os.urandom(100))
+    store.remount()
+    before = _settle(store)
+    (store.mnt / "f0").read_bytes()
+    first = _settle(store)
+    # f0's own key, and those of f1 and f2, the next two files listed.
+    assert first["hsm_derivations"] - before["hsm_derivations"] == 3
+    (store.mnt / "f2").read_bytes()  # f1 skipped: f2's key is ready, f3's is asked for
+    (store.mnt / "f3").read_bytes()
+    (store.mnt / "f4").read_bytes()
+    (store.mnt / "f5").read_bytes()
+    after = _settle(store)
+    assert after["prefetched_keys_used"] - before["prefetched_keys_used"] == 4
+    # One derivation per file opened, and one for f1, which nobody opened.
+    assert after["hsm_derivations"] - before["hsm_derivations"] == 6
+
+
 def test_reading_a_tree_in_find_order_finds_keys_derived_ahead(store: Envfs) -> None:
     store.mount()
     for d in ("a/b/empty", "a/d", "e", "f"):

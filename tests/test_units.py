@@ -17,7 +17,7 @@ from envfs import blocks, kdf
 from envfs.blocks import NONCE_SIZE, SLOT_SIZE, BlockCipher, block_aad, max_data_length, min_data_length
 from envfs.datafile import DataFile
 from envfs.errors import IntegrityError
-from envfs.metadata import Metadata
+from envfs.metadata import WALK_READ_AHEAD, Metadata
 from envfs.names import NameCipher
 from envfs.secret import BufferPool, Secret, zero_buffer, zero_bytes
 
@@ -330,7 +330,7 @@ def test_a_taken_name_is_not_added_again(tmp_path: Path) -> None:
 def test_next_file_walks_the_tree_in_listing_order(tmp_path: Path) -> None:
     """From any file, and from the position its own guess returned, the next file of a
     depth-first walk in listing order: into directories, out of finished ones, past
-    empty ones and symlinks."""
+    empty ones and symlinks, and on past the entries read ahead in one query."""
     md = _metadata_with_root(tmp_path)
     fields = _FILE_FIELDS
     walk_order: list[int] = []
@@ -349,7 +349,11 @@ def test_next_file_walks_the_tree_in_listing_order(tmp_path: Path) -> None:
                 make(inode.id, item)
 
     with md.transaction():
-        make(1, ["f", [["f", "l", []], "f"], "l", [], ["f"], [[[["f"]]]], "f"])
+        make(1, [
+            "f", [["f", "l", []], "f"], "l", [], ["f"], [[[["f"]]]],
+            # Directories of more entries than one query reads ahead, and of exactly as many.
+            ["f"] * (2 * WALK_READ_AHEAD + 5) + [["f"]], ["f"] * WALK_READ_AHEAD, "f",
+        ])  # fmt: skip
     expected = list(zip(walk_order[:-1], walk_order[1:], strict=True))
     assert [(f, found[0].id) for f, _ in expected if (found := md.next_file(f))] == expected
     # Following the positions it returns, as the daemon does for the files it guessed right.
