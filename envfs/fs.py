@@ -39,6 +39,8 @@ from .store import RESERVE_BYTES, Store
 log = logging.getLogger(__name__)
 
 SYMLINK_MAX = 4095  # PATH_MAX - 1, as the kernel allows
+# renameat2's flag for a whiteout at the old name (linux/fs.h; pyfuse3 lacks it).
+RENAME_WHITEOUT = 1 << 2
 # Every change reaches the store through this mount's kernel, which updates or
 # drops what it cached as it forwards the change (the store is locked to one
 # daemon), so the kernel may keep names and attributes as long as it likes;
@@ -114,6 +116,11 @@ class OpenFile:
 class Handle:
     inode: int
     flags: int
+    # Who opened it: writes through the handle are that process's, for
+    # clearing set-group-ID (`_data_changed_by`).
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
 
 
 def _now() -> int:
@@ -136,6 +143,34 @@ def _clamp_time(ns: int) -> int:
     """A time stamp as envfs stores it: signed 64-bit nanoseconds (years 1677 to 2262).
     Times beyond are clamped, as ext4 clamps to the range it can store."""
     return min(max(ns, -(2**63)), 2**63 - 1)
+
+
+def _in_group(pid: int, gid: int, group: int) -> bool:
+    """Whether the process `pid`, of primary group `gid`, is a member of `group`
+    (its supplementary groups, from /proc; gone or unreadable: not a member)."""
+    if gid == group:
+        return True
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Groups:"):
+                    return str(group).encode() in line.split()[1:]
+    except OSError:
+        pass
+    return False
+
+
+def _mode_after_data_change(mode: int, uid: int, gid: int, pid: int, group: int) -> int:
+    """The mode of a file after a process (`uid`, `gid`, `pid`) changed its data,
+    as Linux has it for a process without CAP_FSETID: set-user-ID goes, and
+    set-group-ID too where group-execute is set (else it marks mandatory
+    locking) or where the process is not in the file's group (`group`)."""
+    if uid == 0 or not mode & (stat.S_ISUID | stat.S_ISGID):
+        return mode
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not _in_group(pid, gid, group)):
+        mode &= ~stat.S_ISGID
+    return mode
 
 
 def _negative_entry() -> pyfuse3.EntryAttributes:
@@ -577,6 +612,9 @@ class Operations(pyfuse3.Operations):
             inode.atime_ns = _clamp_time(attr.st_atime_ns)
         if fields.update_mtime:
             inode.mtime_ns = _clamp_time(attr.st_mtime_ns)
+        if fields.update_size:
+            # The kernel clears set-group-ID only where group-execute is set.
+            inode.mode = _mode_after_data_change(inode.mode, ctx.uid, ctx.gid, ctx.pid, inode.gid)
         inode.ctime_ns = _clamp_time(attr.st_ctime_ns) if fields.update_ctime else now
         self._save(inode)
         return self._attrs(inode)
@@ -717,7 +755,7 @@ class Operations(pyfuse3.Operations):
             return info, self._lookup_ref(existing)
         self._next_file_id = None
         attrs = self._lookup_ref(inode)
-        info = self._open_handle(inode, flags)
+        info = self._open_handle(inode, flags, ctx)
         # Files tend to come in runs (untar, cp -r): the next one's key is derived
         # while the kernel and the application work on this one.
         self._next_file_id = self.md.allocate_inode_id()
@@ -842,6 +880,9 @@ class Operations(pyfuse3.Operations):
             self.md.remove_entry(old_parent.id, old_ct)
             if not self.md.add_entry(new_parent.id, new_ct, source.id):
                 raise RuntimeError(f"directory {new_parent.id}: the rename target appeared during the rename")
+            if flags & RENAME_WHITEOUT:
+                # What overlayfs asks for: a 0:0 character device left at the old name.
+                self._new_inode(old_parent, old_ct, stat.S_IFCHR, ctx, rdev=0)
             if stat.S_ISDIR(source.mode) and old_parent.id != new_parent.id:
                 old_parent.nlink -= 1
                 new_parent.nlink += 1
@@ -855,7 +896,7 @@ class Operations(pyfuse3.Operations):
 
     # -- file handles ----------------------------------------------------------
 
-    def _open_handle(self, inode: Inode, flags: int) -> pyfuse3.FileInfo:
+    def _open_handle(self, inode: Inode, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         open_file = self._open.get(inode.id)
         if open_file is None:
             open_file = OpenFile(self._open_data(inode))
@@ -863,7 +904,7 @@ class Operations(pyfuse3.Operations):
         open_file.handles += 1
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(inode.id, flags)
+        self._handles[fh] = Handle(inode.id, flags, ctx.uid, ctx.gid, ctx.pid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @handler
@@ -876,12 +917,16 @@ class Operations(pyfuse3.Operations):
         # The guess runs its queries while the HSM may still be deriving this
         # file's own key (prefetched at an earlier open).
         guesses = self._guess_next_files(inode) if inode.id not in self._open else []
-        info = self._open_handle(inode, flags)
+        info = self._open_handle(inode, flags, ctx)
         for following in guesses:
             if following.id not in self._open:
                 self._prefetch_guessed(following)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+        # Linux truncates for O_TRUNC whatever the access mode (the kernel asked
+        # for write permission), and does not send the setattr that would
+        # clear set-user-ID and set-group-ID: that is up to the open.
+        if flags & os.O_TRUNC:
             try:
+                inode.mode = _mode_after_data_change(inode.mode, ctx.uid, ctx.gid, ctx.pid, inode.gid)
                 self._truncate(inode, 0, _now())
             except BaseException:
                 await self.release(info.fh)
@@ -975,7 +1020,8 @@ class Operations(pyfuse3.Operations):
             self._read_buffers.give_back(buf)
 
     def _relatime(self, inode: Inode) -> None:
-        """Update atime as ext4's relatime does; save it as ext4's lazytime
+        """Update atime as ext4's relatime does, for a read of a file or a
+        listing of a directory; save it as ext4's lazytime
         does, with the inode's next save or at the next group commit (within
         GROUP_SECONDS): a read then costs no row write of its own, and a
         crash loses at most the atimes of that window, as it loses the
@@ -1005,6 +1051,8 @@ class Operations(pyfuse3.Operations):
             new_size, writes = open_file.data.write(off, memoryview(buf), inode.size)
             inode.size = new_size
             inode.block_writes += writes
+            if inode.mode & (stat.S_ISUID | stat.S_ISGID):  # the kernel's setattr before a write leaves some
+                inode.mode = _mode_after_data_change(inode.mode, handle.uid, handle.gid, handle.pid, inode.gid)
             inode.mtime_ns = inode.ctime_ns = _now()
             self._save(inode)
             return len(buf)
@@ -1117,30 +1165,34 @@ class Operations(pyfuse3.Operations):
         for lack of it. FALLOC_FL_PUNCH_HOLE (with KEEP_SIZE, as the kernel
         demands): the range reads as zeros and the blocks it covers whole give
         their backing space back. FALLOC_FL_ZERO_RANGE: zeros, then as mode 0.
-        Collapsing and inserting ranges are not supported."""
+        Collapsing and inserting ranges are not supported. Every mode
+        changes mtime and ctime, as on ext4, and may clear set-group-ID as
+        a write does."""
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             raise FUSEError(errno.EOPNOTSUPP)
         if offset < 0 or length <= 0:
             raise FUSEError(errno.EINVAL)
-        _, inode, open_file = self._handle(fh)
+        handle, inode, open_file = self._handle(fh)
         end = offset + length
         self._check_file_size(end)
+        if mode & FALLOC_FL_PUNCH_HOLE and offset >= inode.size:
+            return  # nothing to punch: ext4 changes nothing either
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and offset < inode.size:
             # A zeroed block in part is re-encrypted: at most the first and the last.
             self._ensure_nonce_budget(inode, 2)
             inode.block_writes += open_file.data.zero_range(offset, end, inode.size)
-            inode.mtime_ns = inode.ctime_ns = _now()
-            self._save(inode)
-        if mode & FALLOC_FL_PUNCH_HOLE:
-            return
-        if not mode & FALLOC_FL_KEEP_SIZE and end > inode.size:
+        if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) and end > inode.size:
             self._truncate(inode, end, _now())
-        data = open_file.data
-        start = offset // BLOCK_SIZE * SLOT_SIZE
-        stop = min(data.length, -(-end // BLOCK_SIZE) * SLOT_SIZE)
-        if stop > start:
-            self._claim_room(stop - start)
-            os.posix_fallocate(data.fd, start, stop - start)
+        if not mode & FALLOC_FL_PUNCH_HOLE:
+            data = open_file.data
+            start = offset // BLOCK_SIZE * SLOT_SIZE
+            stop = min(data.length, -(-end // BLOCK_SIZE) * SLOT_SIZE)
+            if stop > start:
+                self._claim_room(stop - start)
+                os.posix_fallocate(data.fd, start, stop - start)
+        inode.mode = _mode_after_data_change(inode.mode, handle.uid, handle.gid, handle.pid, inode.gid)
+        inode.mtime_ns = inode.ctime_ns = _now()
+        self._save(inode)
 
     @handler
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
@@ -1175,6 +1227,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         directory = self._dir(fh)
+        self._relatime(directory)
         # Offsets: 1 after '.', 2 after '..', then 2 + the entry id.
         if start_id < 1 and not pyfuse3.readdir_reply(token, b".", self._attrs(directory), 1):
             return
@@ -1281,7 +1334,10 @@ class Operations(pyfuse3.Operations):
     @handler
     async def listxattr(self, inode_id: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         inode = self._inode(inode_id)
-        return [self.names.decrypt_xattr_name(inode.id, n) for n in self.md.xattr_names(inode.id)]
+        names = [self.names.decrypt_xattr_name(inode.id, n) for n in self.md.xattr_names(inode.id)]
+        if ctx.uid != 0:  # as the kernel does for local filesystems: trusted.* is for CAP_SYS_ADMIN
+            names = [name for name in names if not name.startswith(b"trusted.")]
+        return names
 
     @handler(frees_space=True)
     async def removexattr(self, inode_id: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -718,3 +718,170 @@ def test_punch_hole_and_zero_range(store: Envfs) -> None:
         os.close(fd)
     store.remount()
     assert (store.mnt / "f").read_bytes() == model
+
+
+# -- what ext4 does that the kernel leaves to a FUSE filesystem ------------------------------------
+
+
+def _as_user(cwd: Path, uid: int, groups: list[int], action: Callable[[], object]) -> str:
+    """Run `action` in a child process of `uid` (primary group groups[0], all of
+    `groups` as supplementary ones) in `cwd`; 'ok' or the errno's name."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        outcome = "child failed"
+        try:
+            os.chdir(cwd)  # as root: pytest's own temporary root is 0700
+            os.setgroups(groups)
+            os.setgid(groups[0])
+            os.setuid(uid)
+            action()
+            outcome = "ok"
+        except OSError as e:
+            outcome = errno.errorcode[e.errno]
+        finally:
+            os.write(write_end, outcome.encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer:
+        outcome = answer.read().decode()
+    os.waitpid(pid, 0)
+    return outcome
+
+
+def _owned_file(path: Path, mode: int, owner: int = 1000) -> Path:
+    path.write_bytes(b"0123456789")
+    os.chown(path, owner, owner)
+    os.chmod(path, mode)
+    return path
+
+
+def _append(name: str) -> Callable[[], None]:
+    def append() -> None:
+        with open(name, "ab") as f:
+            f.write(b"more")
+
+    return append
+
+
+def test_o_trunc_truncates_whatever_the_access_mode(mounted: Path) -> None:
+    path = mounted / "f"
+    path.write_bytes(b"0123456789")
+    os.utime(path, (1000, 2000))
+    os.close(os.open(path, os.O_RDONLY | os.O_TRUNC))
+    st = os.stat(path)
+    assert st.st_size == 0 and path.read_bytes() == b""
+    assert st.st_mtime > 2000 and st.st_ctime > 2000
+
+
+def test_changing_data_clears_setuid_and_setgid_as_ext4_does(store: Envfs) -> None:
+    """Without CAP_FSETID a truncating open, a truncate, a write and fallocate
+    clear set-user-ID, and set-group-ID where group-execute is set or the
+    writer is not in the file's group (kernel 6.x, ext4); root keeps both."""
+    store.mount("--allow-other")
+    work = store.mnt / "work"
+    work.mkdir(mode=0o777)
+    work.chmod(0o777)
+
+    def mode(name: str) -> int:
+        return stat.S_IMODE(os.stat(work / name).st_mode)
+
+    _owned_file(work / "trunc", 0o6777)
+    assert _as_user(work, 1001, [1001], lambda: os.close(os.open("trunc", os.O_WRONLY | os.O_TRUNC))) == "ok"
+    assert mode("trunc") == 0o777 and os.stat(work / "trunc").st_size == 0
+
+    _owned_file(work / "own-trunc", 0o6777)
+    assert _as_user(work, 1000, [1000], lambda: os.close(os.open("own-trunc", os.O_RDWR | os.O_TRUNC))) == "ok"
+    assert mode("own-trunc") == 0o777
+
+    for name, groups, expected in [("outsider", [1001], 0o767), ("member", [1001, 1000], 0o2767)]:
+        _owned_file(work / name, 0o2767)
+        assert _as_user(work, 1001, groups, _append(name)) == "ok"
+        assert mode(name) == expected, name
+        assert (work / name).read_bytes() == b"0123456789more"
+
+    _owned_file(work / "truncate", 0o2767)
+    assert _as_user(work, 1001, [1001], lambda: os.truncate("truncate", 3)) == "ok"
+    assert mode("truncate") == 0o767 and (work / "truncate").read_bytes() == b"012"
+
+    _owned_file(work / "fallocate", 0o2767)
+
+    def fallocate() -> None:
+        fd = os.open("fallocate", os.O_WRONLY)
+        try:
+            os.posix_fallocate(fd, 0, 8192)
+        finally:
+            os.close(fd)
+
+    assert _as_user(work, 1001, [1001], fallocate) == "ok"
+    assert mode("fallocate") == 0o767
+
+    _owned_file(work / "roots", 0o6777)
+    with open(work / "roots", "ab") as f:
+        f.write(b"root")
+    os.truncate(work / "roots", 2)
+    assert mode("roots") == 0o6777
+
+
+def test_rename_whiteout_leaves_a_whiteout_device(mounted: Path) -> None:
+    """renameat2(RENAME_WHITEOUT), which overlayfs uses on its upper layer."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    (mounted / "a").write_text("moved")
+    at_fdcwd, rename_whiteout = -100, 4
+    if libc.renameat2(at_fdcwd, bytes(mounted / "a"), at_fdcwd, bytes(mounted / "b"), rename_whiteout) != 0:
+        raise OSError(ctypes.get_errno(), "renameat2")
+    assert (mounted / "b").read_text() == "moved"
+    st = os.lstat(mounted / "a")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and stat.S_IMODE(st.st_mode) == 0
+    assert sorted(os.listdir(mounted)) == ["a", "b"]
+    os.unlink(mounted / "a")
+    assert os.listdir(mounted) == ["b"]
+
+
+def test_trusted_xattr_names_are_listed_to_root_alone(store: Envfs) -> None:
+    store.mount("--allow-other")
+    path = store.mnt / "f"
+    path.write_text("x")
+    path.chmod(0o644)
+    os.setxattr(path, "trusted.secret", b"1")
+    os.setxattr(path, "user.plain", b"2")
+    assert sorted(os.listxattr(path)) == ["trusted.secret", "user.plain"]
+    read_end, write_end = os.pipe()
+
+    def report() -> None:
+        os.write(write_end, ",".join(sorted(os.listxattr("f"))).encode())
+
+    assert _as_user(store.mnt, 1000, [1000], report) == "ok"
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer:
+        assert answer.read() == b"user.plain"
+
+
+def test_listing_a_directory_updates_its_atime_as_relatime_does(mounted: Path) -> None:
+    directory = mounted / "d"
+    directory.mkdir()
+    (directory / "f").write_text("x")
+    os.utime(directory, (1000, 2000))
+    os.listdir(directory)
+    first = os.stat(directory).st_atime
+    assert first > 2000
+    os.listdir(directory)  # atime is now newer than mtime and ctime: relatime leaves it
+    assert os.stat(directory).st_atime == first
+
+
+def test_fallocate_changes_mtime_and_ctime(mounted: Path) -> None:
+    path = mounted / "f"
+    path.write_bytes(b"x")
+    for mode in (0, 1):  # 1: FALLOC_FL_KEEP_SIZE
+        os.utime(path, (1000, 2000))
+        before = os.stat(path).st_ctime_ns
+        time.sleep(0.01)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        fd = os.open(path, os.O_RDWR)
+        try:
+            assert libc.fallocate(fd, mode, 0, 8192) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            os.close(fd)
+        st = os.stat(path)
+        assert st.st_mtime > 2000 and st.st_ctime_ns > before, mode
