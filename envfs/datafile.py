@@ -143,10 +143,12 @@ class DataFile:
         start = first * SLOT_SIZE
         ciphertext = _slots.view(max(0, min((last + 1) * SLOT_SIZE, self.length) - start))
         ciphertext = ciphertext[: os.preadv(self.fd, [ciphertext], start)]
-        # Blocks wanted whole and 4096 bytes long (all but the file's last):
-        # authenticated and decrypted in one pass straight into `out`.
+        # Blocks wanted whole (4096 bytes long, or the file's last block read
+        # to its end and stored exactly as long as it is): authenticated and
+        # decrypted in one pass straight into `out`.
         run_start = first if offset == first * BLOCK_SIZE else first + 1
-        run_stop = last + 1 if end == (last + 1) * BLOCK_SIZE else last
+        last_stored_exactly = len(ciphertext) == (last - first) * SLOT_SIZE + end - last * BLOCK_SIZE + BLOCK_OVERHEAD
+        run_stop = last + 1 if end == (last + 1) * BLOCK_SIZE or (end == size and last_stored_exactly) else last
         run_start = min(run_start, run_stop)
         pos = 0
         try:
@@ -154,12 +156,11 @@ class DataFile:
                 pos += self._read_part(index, offset, end, size, ciphertext[(index - first) * SLOT_SIZE :], out[pos:])
             if run_stop > run_start:
                 slots = ciphertext[(run_start - first) * SLOT_SIZE : (run_stop - first) * SLOT_SIZE]
-                if len(slots) < (run_stop - run_start) * SLOT_SIZE:
+                count = min(run_stop * BLOCK_SIZE, end) - run_start * BLOCK_SIZE
+                if len(slots) < count + (run_stop - run_start) * BLOCK_OVERHEAD:
                     index = run_start + len(slots) // SLOT_SIZE
                     self._check_slot(index, slots[(index - run_start) * SLOT_SIZE :], BLOCK_SIZE)
-                count = (run_stop - run_start) * BLOCK_SIZE
-                self.cipher.decrypt_blocks_into(run_start, slots, out[pos : pos + count])
-                pos += count
+                pos += self.cipher.decrypt_blocks_into(run_start, slots, out[pos : pos + count])
             for index in range(run_stop, last + 1):
                 pos += self._read_part(index, offset, end, size, ciphertext[(index - first) * SLOT_SIZE :], out[pos:])
         finally:

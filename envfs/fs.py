@@ -183,6 +183,9 @@ def _negative_entry() -> pyfuse3.EntryAttributes:
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
+    # Without the kernel's writeback cache a write's error (ENOSPC, EFBIG, EIO)
+    # is that write's: with it, write() succeeds into the page cache and a full
+    # disk shows only at close or fsync, as EIO, after the data is gone.
     enable_writeback_cache = False
 
     def __init__(
@@ -423,12 +426,16 @@ class Operations(pyfuse3.Operations):
             self._request_saves[inode.id] = inode
 
     def _save_atimes(self) -> None:
-        """Save the inodes whose atime alone changed, each in its own savepoint:
-        a failure loses that atime update and nothing else."""
+        """Save the inodes whose atime alone changed, with the group as the
+        deferred saves are. On a nearly full disk each goes in its own
+        savepoint: a failure then loses that atime update and nothing else."""
         unsaved, self._unsaved_atimes = self._unsaved_atimes, set()
         for inode_id in unsaved:
             inode = self._inodes.get(inode_id)
             if inode is None:
+                continue
+            if not self._low_space:
+                self.md.save_inode(inode)
                 continue
             try:
                 with self.md.transaction():

@@ -253,6 +253,27 @@ def test_datafile_detects_cut_short(tmp_path: Path) -> None:
     data.close()
 
 
+@pytest.mark.parametrize("change", [-1, 1])
+def test_datafile_last_block_of_the_wrong_length_fails(tmp_path: Path, change: int) -> None:
+    """A read to the end of the file takes its last, partial block in one run with
+    the others only when its slot is exactly as long as the size says."""
+    path = tmp_path / "data"
+    data = DataFile(os.open(path, os.O_RDWR | os.O_CREAT), _cipher(), 0)
+    plaintext = os.urandom(2 * 4096 + 100)
+    size, _ = data.write(0, memoryview(plaintext), 0)
+    data.close()
+    out = bytearray(size)
+    data = DataFile(os.open(path, os.O_RDWR), _cipher(), size)
+    assert data.read_into(0, memoryview(out), size) == size and out == plaintext
+    data.close()
+    os.truncate(path, os.path.getsize(path) + change)
+    data = DataFile(os.open(path, os.O_RDWR), _cipher(), size)
+    with pytest.raises(IntegrityError, match="block 2"):
+        data.read_into(0, memoryview(out), size)
+    assert data.read_into(0, memoryview(out)[: 2 * 4096], size) == 2 * 4096
+    data.close()
+
+
 def test_names_are_bound_to_their_place() -> None:
     with _secret(bytes(range(64))) as key:
         names = NameCipher(key)
