@@ -60,6 +60,9 @@ _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 PREFETCH_MAX_AGE = 5.0
 # Up to this many inodes with xattrs, the daemon keeps their ids in memory.
 XATTR_INODES_IN_MEMORY = 65536
+# Failures the user caused (a full disk, a file too large, a read-only store) are
+# logged at most this often.
+USAGE_WARNING_SECONDS = 10.0
 # Directory entries fetched per query by readdir.
 _READDIR_BATCH = 256
 # The largest read the kernel sends (FUSE's limit of 256 pages).
@@ -173,6 +176,28 @@ def _mode_after_data_change(mode: int, uid: int, gid: int, pid: int, group: int)
     return mode
 
 
+class ThrottledWarning:
+    """A warning logged at most once per `interval` seconds, with the count of
+    those held back: a program that goes on writing to a full disk gets its
+    ENOSPC every time, and the log a line now and then."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last = -interval
+        self._held = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            self._held += 1
+            return
+        if self._held:
+            message += " (and %d more such failures since the last warning)"
+            args = (*args, self._held)
+        log.warning(message, *args)
+        self._last, self._held = now, 0
+
+
 def _negative_entry() -> pyfuse3.EntryAttributes:
     """A lookup reply for a missing name: the kernel caches the absence (inode 0)."""
     attrs = pyfuse3.EntryAttributes()
@@ -262,6 +287,7 @@ class Operations(pyfuse3.Operations):
         self.rekeys = 0
         self.data_opens = 0
         self.integrity_errors = 0
+        self._usage_warnings = ThrottledWarning(USAGE_WARNING_SECONDS)
 
     def failed(self, operation: str, error: Exception) -> int:
         """Log a handler's error and return the errno to answer with."""
@@ -275,11 +301,11 @@ class Operations(pyfuse3.Operations):
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._low_space = True  # commit per request until a commit finds room again
-            log.warning("%s: %s", operation, error)
+            self._usage_warnings.warn("%s: %s", operation, error)
             return error.errno
         if isinstance(error, sqlite3.DatabaseError) and "full" in str(error):
             self._low_space = True
-            log.warning("%s: metadata database: %s", operation, error)
+            self._usage_warnings.warn("%s: metadata database: %s", operation, error)
             return errno.ENOSPC
         if isinstance(error, OSError | sqlite3.Error | EnvfsError):
             log.error("%s: %s", operation, error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sqlite3
@@ -13,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from envfs import blocks, kdf
+from envfs import blocks, fs, kdf
 from envfs.blocks import NONCE_SIZE, SLOT_SIZE, BlockCipher, block_aad, max_data_length, min_data_length
 from envfs.datafile import DataFile
 from envfs.errors import IntegrityError
@@ -416,3 +417,21 @@ def test_metadata_rows_are_macd(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError):
         md.lookup(1, b"name-ct")
     md.close()
+
+
+def test_throttled_warning_counts_what_it_held_back(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(fs.time, "monotonic", lambda: clock[0])
+    warning = fs.ThrottledWarning(10.0)
+    with caplog.at_level(logging.WARNING, logger="envfs.fs"):
+        for _ in range(500):
+            warning.warn("write: %s", "no space left")
+            clock[0] += 0.01
+        clock[0] += 10.0
+        warning.warn("write: %s", "no space left")
+    assert [r.getMessage() for r in caplog.records] == [
+        "write: no space left",
+        "write: no space left (and 499 more such failures since the last warning)",
+    ]
