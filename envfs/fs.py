@@ -119,8 +119,8 @@ class OpenFile:
 class Handle:
     inode: int
     flags: int
-    # Who opened it: writes through the handle are that process's, for
-    # clearing set-group-ID (`_data_changed_by`).
+    # Who opened it: writes through the handle count as that process's where
+    # they may clear set-group-ID (`_mode_after_data_change`).
     uid: int = 0
     gid: int = 0
     pid: int = 0

@@ -168,9 +168,13 @@ def restore_inode(inode: Inode, values: tuple[int, ...]) -> None:
 
 
 # Queries of `Metadata.next_file`: where an inode is listed (its first entry,
-# for a hard link), and the entry listed after a position, with what the walk
-# and a key derivation need of its inode.
+# for a hard link), and a directory's entries in listing order after an entry
+# id, with what the walk and a key derivation need of their inodes.
 _ENTRY_OF_INODE = "SELECT parent, id FROM dentries WHERE inode=? ORDER BY id LIMIT 1"
+_ENTRIES_AFTER = (
+    "SELECT d.id, d.inode, i.mode, i.key_version, i.key_epoch FROM dentries d "
+    "JOIN inodes i ON i.id=d.inode WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?"
+)
 # An inode row's columns in a query that joins `inodes i`.
 _INODE_FIELDS = ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + ", i.mac"
 _GET_INODE = f"SELECT {_INODE_FIELDS} FROM inodes i WHERE i.id=?"
@@ -182,12 +186,6 @@ _ENTRY_AND_INODE = (
 )
 
 
-# A directory's entries in listing order after an entry id, with what the walk
-# of `Metadata.next_file` needs of their inodes.
-_ENTRIES_AFTER = (
-    "SELECT d.id, d.inode, i.mode, i.key_version, i.key_epoch FROM dentries d "
-    "JOIN inodes i ON i.id=d.inode WHERE d.parent=? AND d.id>? ORDER BY d.id LIMIT ?"
-)
 # How many entries of a directory the walk reads per query.
 WALK_READ_AHEAD = 32
 
@@ -506,9 +504,9 @@ class Metadata:
         did: the walk then goes on from there without looking up where
         `inode_id` and the directories above it are listed, and takes the
         entries it read ahead there: a query per WALK_READ_AHEAD entries of
-        a directory, not one per step. Nothing the walk
-        reads is authenticated, the file found included: it is a guess at what
-        is opened next (a stale position or an edited row just guesses wrong),
+        a directory, not one per step. Nothing the walk reads is
+        authenticated, the file found included: it is a guess at what is
+        opened next (a stale position or an edited row just guesses wrong),
         and a key derived ahead is only used by an open whose own,
         authenticated inode has the same id, key version and key epoch.
         """
