@@ -118,7 +118,6 @@ class OpenFile:
 @dataclass
 class Handle:
     inode: int
-    flags: int
     # Who opened it: writes through the handle count as that process's where
     # they may clear set-group-ID (`_mode_after_data_change`).
     uid: int = 0
@@ -788,7 +787,7 @@ class Operations(pyfuse3.Operations):
             return info, self._lookup_ref(existing)
         self._next_file_id = None
         attrs = self._lookup_ref(inode)
-        info = self._open_handle(inode, flags, ctx)
+        info = self._open_handle(inode, ctx)
         # Files tend to come in runs (untar, cp -r): the next one's key is derived
         # while the kernel and the application work on this one.
         self._next_file_id = self.md.allocate_inode_id()
@@ -929,7 +928,7 @@ class Operations(pyfuse3.Operations):
 
     # -- file handles ----------------------------------------------------------
 
-    def _open_handle(self, inode: Inode, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    def _open_handle(self, inode: Inode, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         open_file = self._open.get(inode.id)
         if open_file is None:
             open_file = OpenFile(self._open_data(inode))
@@ -937,7 +936,7 @@ class Operations(pyfuse3.Operations):
         open_file.handles += 1
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = Handle(inode.id, flags, ctx.uid, ctx.gid, ctx.pid)
+        self._handles[fh] = Handle(inode.id, ctx.uid, ctx.gid, ctx.pid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @handler
@@ -950,7 +949,7 @@ class Operations(pyfuse3.Operations):
         # The guess runs its queries while the HSM may still be deriving this
         # file's own key (prefetched at an earlier open).
         guesses = self._guess_next_files(inode) if inode.id not in self._open else []
-        info = self._open_handle(inode, flags, ctx)
+        info = self._open_handle(inode, ctx)
         for following in guesses:
             if following.id not in self._open:
                 self._prefetch_guessed(following)
@@ -1071,9 +1070,10 @@ class Operations(pyfuse3.Operations):
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
+            # `off` is where the kernel places the write, O_APPEND included: it
+            # knows the size, and whether O_APPEND still holds (fcntl F_SETFL
+            # changes it; a shared mapping writes its pages back at their place).
             handle, inode, open_file = self._handle(fh)
-            if handle.flags & os.O_APPEND:
-                off = inode.size
             self._check_file_size(off + len(buf))
             # A write touches at most len/4096 + 2 blocks, plus the old last block it
             # pads: as many encryptions, and as many slots of space (as if none were

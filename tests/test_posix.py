@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import platform
@@ -61,6 +62,34 @@ def test_append_and_trunc(mounted: Path) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     os.close(fd)
     assert path.read_bytes() == b""
+
+
+def test_writes_go_where_the_kernel_places_them_after_o_append_is_cleared(mounted: Path) -> None:
+    """O_APPEND is the open file description's, and fcntl(F_SETFL) may clear it;
+    a shared mapping of an O_APPEND descriptor writes its pages back in place."""
+    path = mounted / "f"
+    path.write_bytes(b"." * 8192)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_APPEND)
+        os.pwrite(fd, b"AT-ZERO", 0)
+        os.lseek(fd, 100, os.SEEK_SET)
+        os.write(fd, b"AT-100")
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert len(data) == 8192 and data[:7] == b"AT-ZERO" and data[100:106] == b"AT-100"
+
+    path.write_bytes(b"." * 16384)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    try:
+        with mmap.mmap(fd, 16384, mmap.MAP_SHARED) as mapped:
+            mapped[4096:4106] = b"MMAPWRITE!"
+            mapped.flush()
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert len(data) == 16384 and data[4096:4106] == b"MMAPWRITE!"
 
 
 def test_truncate_grow_shrink(mounted: Path) -> None:
