@@ -298,47 +298,65 @@ class DataFile:
             if written:
                 self.length = max(self.length, start + written)
 
+    def reserve(self, offset: int, end: int) -> None:
+        """Give the slots of plaintext [offset, end) backing space, past the end
+        of the file too (fallocate's FALLOC_FL_KEEP_SIZE), so that writing them
+        later cannot fail for lack of it; the data file's length stays.
+        Where the backing filesystem cannot keep the size, only the slots
+        inside the data file get space."""
+        start = offset // BLOCK_SIZE * SLOT_SIZE
+        stop = -(-end // BLOCK_SIZE) * SLOT_SIZE
+        if stop <= start or _fallocate(self.fd, FALLOC_FL_KEEP_SIZE, start, stop - start):
+            return
+        stop = min(stop, self.length)
+        if stop > start:
+            os.posix_fallocate(self.fd, start, stop - start)
+
     def seek_data(self, offset: int, size: int) -> int | None:
         """The first plaintext offset at or after `offset` in a block that is not a
         hole, None if there is none before `size`.
 
-        The backing filesystem's holes say where blocks are holes; a block
-        stored as zeros counts as data, as lseek(2) allows.
+        The backing filesystem's holes say where blocks are holes. Its pages
+        and the slots do not line up, so the slot where its data starts is
+        read: all zeros, it is a hole whose page a neighbour's data shares.
+        A block stored as zeros (where holes cannot be punched) counts as
+        data, as lseek(2) allows.
         """
         index = offset // BLOCK_SIZE
-        try:
-            found = os.lseek(self.fd, index * SLOT_SIZE, os.SEEK_DATA) // SLOT_SIZE
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # nothing but holes after it
+        while True:
+            try:
+                found = os.lseek(self.fd, index * SLOT_SIZE, os.SEEK_DATA) // SLOT_SIZE
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # nothing but holes after it
+                    return None
+                raise
+            if found * BLOCK_SIZE >= size:
                 return None
-            raise
-        start = max(offset, found * BLOCK_SIZE)
-        return start if start < size else None
+            if not is_hole(self._slot(found)):
+                return max(offset, found * BLOCK_SIZE)
+            index = found + 1
 
     def seek_hole(self, offset: int, size: int) -> int:
         """The first plaintext offset at or after `offset` in a block that is a hole
-        (a whole slot in a hole of the backing filesystem), or `size`: every file
-        ends in a hole."""
-        position = offset // BLOCK_SIZE * SLOT_SIZE
-        while True:
+        (its slot, where a hole of the backing filesystem starts or lies, holds
+        only zeros), or `size`: every file ends in a hole."""
+        index = offset // BLOCK_SIZE
+        while index * BLOCK_SIZE < size:
+            if index * SLOT_SIZE >= self.length:  # past the data file: holes to the end
+                return max(offset, index * BLOCK_SIZE)
             try:
-                hole = os.lseek(self.fd, position, os.SEEK_HOLE)
+                hole = os.lseek(self.fd, index * SLOT_SIZE, os.SEEK_HOLE)
             except OSError as e:
                 if e.errno == errno.ENXIO:
                     return size
                 raise
-            index = -(-hole // SLOT_SIZE)  # the first slot that starts inside the hole
+            index = max(index, hole // SLOT_SIZE)  # the slot in which the hole starts
             if index * BLOCK_SIZE >= size:
-                return size
-            try:
-                data = os.lseek(self.fd, index * SLOT_SIZE, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                data = self.length  # holes up to the end of the data file
-            if data >= min((index + 1) * SLOT_SIZE, self.length):
+                break
+            if is_hole(self._slot(index)):
                 return max(offset, index * BLOCK_SIZE)
-            position = max(data, position + 1)
+            index += 1
+        return size
 
     def _whole(self, index: int, offset: int, end: int, new_size: int) -> bool:
         """Whether the write covers block `index` whole, as it is to be stored."""

@@ -537,7 +537,7 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     def _blocks(self, inode: Inode) -> int:
-        if not stat.S_ISREG(inode.mode) or inode.size == 0:
+        if not stat.S_ISREG(inode.mode):
             return 0
         return self.store.data_file_blocks(inode.id, inode.key_version, inode.key_epoch)
 
@@ -1217,12 +1217,8 @@ class Operations(pyfuse3.Operations):
         if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) and end > inode.size:
             self._truncate(inode, end, _now())
         if not mode & FALLOC_FL_PUNCH_HOLE:
-            data = open_file.data
-            start = offset // BLOCK_SIZE * SLOT_SIZE
-            stop = min(data.length, -(-end // BLOCK_SIZE) * SLOT_SIZE)
-            if stop > start:
-                self._claim_room(stop - start)
-                os.posix_fallocate(data.fd, start, stop - start)
+            self._claim_room((-(-end // BLOCK_SIZE) - offset // BLOCK_SIZE) * SLOT_SIZE)
+            open_file.data.reserve(offset, end)
         inode.mode = _mode_after_data_change(inode.mode, handle.uid, handle.gid, handle.pid, inode.gid)
         inode.mtime_ns = inode.ctime_ns = _now()
         self._save(inode)
