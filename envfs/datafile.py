@@ -339,7 +339,9 @@ class DataFile:
     def seek_hole(self, offset: int, size: int) -> int:
         """The first plaintext offset at or after `offset` in a block that is a hole
         (its slot, where a hole of the backing filesystem starts or lies, holds
-        only zeros), or `size`: every file ends in a hole."""
+        only zeros), or `size`: every file ends in a hole. A lone hole block
+        between two data blocks has no backing hole of its own (both pages of
+        its slot hold data too) and counts as data, as lseek(2) allows."""
         index = offset // BLOCK_SIZE
         while index * BLOCK_SIZE < size:
             if index * SLOT_SIZE >= self.length:  # past the data file: holes to the end
