@@ -347,6 +347,11 @@ def main(argv: list[str] | None = None) -> None:
         # Python's flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
+    except OSError as e:
+        # What the system refused (a full or read-only disk, a permission): one line.
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"envfs: {e.strerror or e}{where}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,12 @@ class RotationUnfinished(EnvfsError):
     exit_code = 25
 
 
+class StoreReadOnly(EnvfsError):
+    """The store is on a read-only filesystem: a mount or rotation needs to write it."""
+
+    exit_code = 26
+
+
 class BadMountpoint(EnvfsError):
     exit_code = 30
 

@@ -180,8 +180,9 @@ class ThrottledWarning:
     those held back: a program that goes on writing to a full disk gets its
     ENOSPC every time, and the log a line now and then."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, logger: logging.Logger = log) -> None:
         self.interval = interval
+        self._logger = logger
         self._last = -interval
         self._held = 0
 
@@ -193,7 +194,7 @@ class ThrottledWarning:
         if self._held:
             message += " (and %d more such failures since the last warning)"
             args = (*args, self._held)
-        log.warning(message, *args)
+        self._logger.warning(message, *args)
         self._last, self._held = now, 0
 
 

@@ -15,6 +15,7 @@ While mounted, changes are grouped into one transaction per ~0.1 s
 
 from __future__ import annotations
 
+import errno
 import logging
 import operator
 import os
@@ -22,6 +23,7 @@ import sqlite3
 import stat
 import struct
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -224,7 +226,11 @@ class Dentry:
 class Metadata:
     """Typed access to meta.db; every row read is authenticated."""
 
-    def __init__(self, path: str | os.PathLike[str], mac: hmac.HMAC, *, create: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], mac: hmac.HMAC, *, create: bool = False, read_only: bool = False
+    ) -> None:
+        """Open meta.db (`create`: make it). `read_only`: for a store on a
+        read-only filesystem, opened as immutable (no locks, no -shm)."""
         self._macs = _RowMacs(mac)
         self._depth = 0
         self._grouping = False
@@ -233,18 +239,26 @@ class Metadata:
         self._group_changes = 0
         self._after_commit: list[Callable[[], None]] = []
         self._next_inode_id: int | None = None
+        if not create and not os.path.exists(path):
+            raise CorruptStore(f"{path}: metadata database missing")
         try:
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            if read_only:
+                uri = "file:" + urllib.parse.quote(os.fspath(path)) + "?immutable=1"
+                self.db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            else:
+                self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
             if create:
                 create_schema(self.db)
             version = self.db.execute("SELECT value FROM settings WHERE name='schema_version'").fetchone()
         except sqlite3.DatabaseError as e:
+            if "full" in str(e):
+                raise OSError(errno.ENOSPC, f"{path}: no space left for the metadata database") from e
             raise CorruptStore(f"{path}: metadata database unreadable: {e}") from e
         if version is None or version[0] != SCHEMA_VERSION:
             raise CorruptStore(f"{path}: unknown metadata schema version {version}")
-        if not create:
+        if not create and not read_only:
             self._add_missing_indexes()
 
     def _add_missing_indexes(self) -> None:

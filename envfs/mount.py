@@ -30,8 +30,8 @@ import pyfuse3
 import trio
 
 from . import embedded, errors
-from .errors import BadMountpoint, EnvfsError, MountFailed, NotMounted
-from .fs import Operations, delete_inode
+from .errors import BadMountpoint, CorruptStore, EnvfsError, MountFailed, NotMounted
+from .fs import USAGE_WARNING_SECONDS, Operations, ThrottledWarning, delete_inode
 from .hsm import Hsm
 from .keys import KeyRing
 from .metadata import GROUP_SECONDS, Metadata
@@ -210,6 +210,8 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
                 metadata.set_setting("mounted", 1)
                 metadata.sync()
             except sqlite3.Error as e:
+                if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+                    raise CorruptStore(f"{store.metadata_path}: metadata database damaged: {e}") from e
                 raise MountFailed(f"{store.metadata_path}: cannot record the mount: {e}") from e
             metadata.group_commits()
             names = keys.name_cipher()
@@ -279,13 +281,24 @@ async def _group_commits(operations: Operations) -> None:
 
 
 def _housekeeping(store: Store, lock: StoreLock, operations: Operations) -> None:
-    """Publish the counters in the lock record; wipe an unused prefetched key; top up the space reserve."""
-    lock.update(operations.counters())
+    """Publish the counters in the lock record; wipe an unused prefetched key; top up the space reserve.
+
+    A backing filesystem that turned read-only or full fails the writes here:
+    the daemon goes on serving what it can (an exception here would end the
+    mount, and programs would write into the bare directory beneath it).
+    """
     operations.drop_stale_prefetch()
+    try:
+        lock.update(operations.counters())
+    except OSError as e:
+        _housekeeping_warnings.warn("lock record not updated: %s", e)
     try:
         store.keep_reserve()
     except OSError as e:
         log.debug("space reserve: %s", e)
+
+
+_housekeeping_warnings = ThrottledWarning(USAGE_WARNING_SECONDS, log)
 
 
 async def _every_second(housekeeping: Callable[[], None]) -> None:

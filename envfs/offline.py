@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
-from .errors import CorruptStore
+from .errors import CorruptStore, StoreReadOnly
 from .hsm import HsmAdmin
 from .keys import KeyRing
 from .metadata import Metadata
@@ -37,11 +37,19 @@ class OfflineStore:
         self._keys: KeyRing | None = None
         self._metadata: Metadata | None = None
         self._access: TokenAccess | None = None
+        # fsck reads a store on a read-only filesystem (a snapshot, a backup)
+        # without the lock: nothing can change it there.
+        self.read_only = False
 
     def __enter__(self) -> OfflineStore:
         os.umask(0o077)  # what the tool writes (data files, SQLite's -wal and -shm) is the owner's alone
         try:
-            self._stack.callback(self.store.lock(None, self._operation).release)
+            try:
+                self._stack.callback(self.store.lock(None, self._operation).release)
+            except StoreReadOnly:
+                if self._operation != "fsck":
+                    raise
+                self.read_only = True
             self.superblock = self.store.read_superblock()
             self._access = token_for(self.superblock, self._stack)
         except BaseException:
@@ -74,7 +82,7 @@ class OfflineStore:
         if self._metadata is None:
             keys = self.keys()
             path = self.store.metadata_path
-            metadata = Metadata(path, keys.metadata_mac())
+            metadata = Metadata(path, keys.metadata_mac(), read_only=self.read_only)
             try:
                 rows_version = metadata.rows_key_version()
             except sqlite3.DatabaseError as e:
@@ -84,7 +92,7 @@ class OfflineStore:
                 self.superblock.check_metadata_key_version(rows_version)  # else the tool finishes that rotation
             if rows_version != self.superblock.current_key_version:
                 metadata.close()
-                metadata = Metadata(path, keys.metadata_mac(rows_version))
+                metadata = Metadata(path, keys.metadata_mac(rows_version), read_only=self.read_only)
             self._metadata = metadata
         return self._metadata
 

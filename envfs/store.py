@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from .blocks import BLOCK_SIZE
-from .errors import CorruptStore, NotAStore, RotationUnfinished, StoreBusy, StoreExists, UnsupportedFormat
+from .errors import (
+    CorruptStore,
+    NotAStore,
+    RotationUnfinished,
+    StoreBusy,
+    StoreExists,
+    StoreReadOnly,
+    UnsupportedFormat,
+)
 
 FORMAT_NAME = "envfs"
 FORMAT_VERSION = 1
@@ -204,8 +212,11 @@ class Store:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         try:
             return os.open(path, flags, 0o600)
-        except FileNotFoundError:
-            if not create:
+        except OSError as e:
+            if e.errno == errno.EROFS and not create:
+                # The backing filesystem turned read-only: reads go on, writes fail.
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if not isinstance(e, FileNotFoundError) or not create:
                 raise
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             _fsync_dir(self.data_path)
@@ -276,7 +287,12 @@ class Store:
     def lock(self, mountpoint: str | None, operation: str = "mount") -> StoreLock:
         """Take the store's lock for a mount (or an operator tool, `operation`
         "rotate", "retire" or "fsck", with no mountpoint); StoreBusy if a live process holds it."""
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno == errno.EROFS:
+                raise StoreReadOnly(f"{self.path} is on a read-only filesystem: envfs {operation} must write it") from e
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -284,7 +300,18 @@ class Store:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise StoreBusy(f"{self.path} is {busy_with(self.lock_holder())}") from e
             raise
-        return StoreLock(fd, mountpoint, operation)
+        try:
+            try:
+                return StoreLock(fd, mountpoint, operation)
+            except OSError as e:
+                # An emptied lock record needs a block again: on a full disk the
+                # reserve is there for this, or nothing could be mounted to free space.
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.release_reserve():
+                    raise
+                return StoreLock(fd, mountpoint, operation)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def lock_holder(self) -> dict[str, Any] | None:
         """The pid and mountpoint of the daemon holding the lock, if any."""

@@ -366,6 +366,12 @@ def test_mount_refuses_store_already_mounted(mounted: Path, envfs: Envfs) -> Non
     assert (mounted / "f").read_text() == "still here"
 
 
+def test_mount_refuses_a_store_without_its_metadata_and_creates_none(store: Envfs) -> None:
+    (store.store / "meta.db").unlink()
+    assert_refused(store, errors.CorruptStore, "metadata database missing")
+    assert not (store.store / "meta.db").exists()
+
+
 @pytest.mark.parametrize("kind", ["empty", "random", "missing", "file", "other-json"])
 def test_mount_refuses_non_store(envfs: Envfs, kind: str) -> None:
     path = envfs.root / "not-a-store"
@@ -925,6 +931,7 @@ EXIT_CODES = {
     "StoreExists": 23,
     "StoreBusy": 24,
     "RotationUnfinished": 25,
+    "StoreReadOnly": 26,
     "BadMountpoint": 30,
     "MountFailed": 31,
     "NotMounted": 32,

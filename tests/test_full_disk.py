@@ -173,3 +173,43 @@ def test_mount_after_a_crash_on_a_full_disk(small_store: Envfs) -> None:
         assert not (small_store.store / "reserve").exists()  # given up for the mount
     finally:
         filler.unlink()
+
+
+def test_mount_on_a_disk_filled_after_a_clean_unmount(small_store: Envfs) -> None:
+    """A clean unmount empties the lock record; the next mount needs a block for it again,
+    and on a disk another program filled meanwhile the space reserve gives it."""
+    keep = os.urandom(50_000)
+    (small_store.mnt / "keep").write_bytes(keep)
+    small_store.unmount()
+    filler = small_store.store.parent / "filler"
+    _fill_outside(filler)
+    try:
+        small_store.mount()
+        assert (small_store.mnt / "keep").read_bytes() == keep
+        os.unlink(small_store.mnt / "keep")  # and space can be freed through the mount
+    finally:
+        filler.unlink()
+
+
+def test_store_on_a_read_only_filesystem(small_store: Envfs) -> None:
+    """A store on read-only media (a snapshot, a backup): mount and rotate refuse in one
+    line, fsck reads and checks it without the lock, and nothing of it changes."""
+    keep = os.urandom(50_000)
+    (small_store.mnt / "keep").write_bytes(keep)
+    small_store.unmount()
+    backing = small_store.store.parent
+    subprocess.run(["mount", "-o", "remount,ro", str(backing)], check=True)
+    try:
+        before = sorted((p.name, p.stat().st_size) for p in small_store.store.rglob("*"))
+        for command in (["mount", str(small_store.store), str(small_store.mnt)], ["rotate", str(small_store.store)]):
+            result = small_store.run(*command, check=False)
+            assert result.returncode == 26, result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1 and "read-only" in result.stderr
+        result = small_store.run("fsck", str(small_store.store), check=False)
+        assert result.returncode == 0, result.stderr + result.stdout
+        assert "damaged:   0" in result.stdout
+        assert sorted((p.name, p.stat().st_size) for p in small_store.store.rglob("*")) == before
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(backing)], check=True)
+    small_store.mount()
+    assert (small_store.mnt / "keep").read_bytes() == keep
