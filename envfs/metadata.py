@@ -230,7 +230,8 @@ class Metadata:
         self, path: str | os.PathLike[str], mac: hmac.HMAC, *, create: bool = False, read_only: bool = False
     ) -> None:
         """Open meta.db (`create`: make it). `read_only`: for a store on a
-        read-only filesystem, opened as immutable (no locks, no -shm)."""
+        read-only filesystem, opened as immutable (no locks, no -shm); a -wal
+        file that a crash left unmerged is not read then."""
         self._macs = _RowMacs(mac)
         self._depth = 0
         self._grouping = False
