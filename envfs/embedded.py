@@ -59,6 +59,19 @@ class EmbeddedToken:
     def exists(self) -> bool:
         return self.tokens.is_dir() and any(self.tokens.iterdir())
 
+    def check_config(self) -> None:
+        """HsmError naming softhsm2.conf if it does not point SoftHSM2 at this
+        token's directory (damaged or edited): SoftHSM2 itself would only
+        answer with an error code."""
+        try:
+            lines = self.config.read_text(errors="replace").splitlines()
+        except OSError as e:
+            raise HsmError(f"{self.config}: {e.strerror}") from e
+        settings = dict(line.split("=", 1) for line in lines if "=" in line and not line.lstrip().startswith("#"))
+        tokendir = {k.strip(): v.strip() for k, v in settings.items()}.get("directories.tokendir")
+        if tokendir != str(self.tokens):
+            raise HsmError(f"{self.config}: damaged or edited: directories.tokendir must be {self.tokens}")
+
     def create(self, so_pin: str, user_pin: str) -> None:
         """Create the token directory and initialise the token in a helper process."""
         self.tokens.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -149,6 +162,7 @@ class TokenServer:
         """Start the server and return the address for P11_KIT_SERVER_ADDRESS."""
         if not self.token.exists():
             raise TokenNotFound(f"no embedded token in {self.token.directory}: run 'envfs init' first")
+        self.token.check_config()
         if shutil.which("p11-kit") is None:
             raise HsmError("p11-kit not found: install the Debian package p11-kit")
         module = _first_existing(SOFTHSM_MODULE_CANDIDATES, "softhsm2")

@@ -159,7 +159,7 @@ class Store:
 
     def read_superblock(self) -> Superblock:
         if not self.path.is_dir():
-            raise NotAStore(f"{self.path}: no such directory")
+            raise NotAStore(f"{self.path}: {'not a directory' if self.path.exists() else 'no such directory'}")
         try:
             raw = self.superblock_path.read_bytes()
         except FileNotFoundError as e:

@@ -366,6 +366,17 @@ def test_mount_refuses_store_already_mounted(mounted: Path, envfs: Envfs) -> Non
     assert (mounted / "f").read_text() == "still here"
 
 
+@pytest.mark.parametrize("damage", ["garbage", "empty", "missing"])
+def test_mount_names_a_damaged_token_configuration(store: Envfs, damage: str) -> None:
+    config = store.data_home / "envfs" / "softhsm" / "softhsm2.conf"
+    if damage == "missing":
+        config.unlink()
+    else:
+        config.write_bytes(os.urandom(200) if damage == "garbage" else b"")
+    line = assert_refused(store, errors.HsmError, "softhsm2.conf")
+    assert "CKR" not in line
+
+
 def test_mount_refuses_a_store_without_its_metadata_and_creates_none(store: Envfs) -> None:
     (store.store / "meta.db").unlink()
     assert_refused(store, errors.CorruptStore, "metadata database missing")
