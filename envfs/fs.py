@@ -394,14 +394,10 @@ class Operations(pyfuse3.Operations):
 
     def _drop_caches(self) -> None:
         """Forget everything kept in memory about inodes (`_uncache` for all),
-        deferred changes included: for when the database lost them too."""
+        deferred changes included: for when the database lost them too. With
+        nothing deferred, undoing the request forgets every cached inode."""
         self._deferred.clear()
-        self._request_saves.clear()
-        self._inodes.clear()
-        self._without_xattrs.clear()
-        self._listing_ends.clear()
-        self._dir_parents.clear()
-        self._unsaved_atimes.clear()
+        self._undo_request()
 
     def commit_if_due(self, *, now: bool = False) -> None:
         """For the daemon's timers: commit a group that has waited long enough
@@ -1085,8 +1081,8 @@ class Operations(pyfuse3.Operations):
             new_size, writes = open_file.data.write(off, memoryview(buf), inode.size)
             inode.size = new_size
             inode.block_writes += writes
-            if inode.mode & (stat.S_ISUID | stat.S_ISGID):  # the kernel's setattr before a write leaves some
-                inode.mode = _mode_after_data_change(inode.mode, handle.uid, handle.gid, handle.pid, inode.gid)
+            # The kernel's setattr before a write clears some of these bits, not all.
+            inode.mode = _mode_after_data_change(inode.mode, handle.uid, handle.gid, handle.pid, inode.gid)
             inode.mtime_ns = inode.ctime_ns = _now()
             self._save(inode)
             return len(buf)
