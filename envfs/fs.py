@@ -22,7 +22,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -31,7 +31,7 @@ from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE
 from .datafile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DataFile, open_data_file
 from .errors import CorruptStore, EnvfsError, IntegrityError
 from .keys import PREFETCH_DEPTH, KeyRing
-from .metadata import ROOT_INODE, Inode, Metadata, NextFile, WalkPosition, inode_values, restore_inode
+from .metadata import ROOT_INODE, Dentry, Inode, Metadata, NextFile, WalkPosition, inode_values, restore_inode
 from .names import NAME_MAX, NameCipher
 from .secret import BufferPool, zero_bytes
 from .store import RESERVE_BYTES, Store
@@ -123,6 +123,18 @@ class Handle:
     uid: int = 0
     gid: int = 0
     pid: int = 0
+
+
+class Listing(NamedTuple):
+    """A directory listing under way, for the check of its entry set digest
+    at the end: the directory's sealed digest when it began (sealing draws a
+    fresh nonce, so a different value means its entries changed since), the
+    readdir offset it reached, and the XOR of the elements of the entries it
+    listed."""
+
+    sealed: bytes | None
+    offset: int
+    digest: int
 
 
 def _now() -> int:
@@ -251,6 +263,9 @@ class Operations(pyfuse3.Operations):
         # offset), until its entries change: the kernel's call for more after
         # the last entry is answered without a query.
         self._listing_ends: dict[int, int] = {}
+        # The listings under way, by directory: one that reads every entry
+        # while the directory does not change checks its entry set digest.
+        self._listings: dict[int, Listing] = {}
         # The parent of each cached directory, as its listing or lookup found
         # it: a walk then answers '..' without a query. Renames and removals
         # drop the directory's entry.
@@ -389,6 +404,7 @@ class Operations(pyfuse3.Operations):
                 restore_inode(inode, values)
         self._without_xattrs.clear()
         self._listing_ends.clear()
+        self._listings.clear()
         self._dir_parents.clear()
         self._unsaved_atimes.clear()
 
@@ -484,6 +500,7 @@ class Operations(pyfuse3.Operations):
             self._transaction_saves.pop(inode_id, None)
         self._without_xattrs.discard(inode_id)
         self._listing_ends.pop(inode_id, None)
+        self._listings.pop(inode_id, None)
         self._dir_parents.pop(inode_id, None)
         self._unsaved_atimes.discard(inode_id)
 
@@ -556,15 +573,19 @@ class Operations(pyfuse3.Operations):
 
     def _child(self, parent: int, name_ct: bytes) -> Inode | None:
         found = self.md.lookup_with_inode(parent, name_ct, self._inodes)
-        return None if found is None else self._keep(found[1], parent)
+        return None if found is None else self._keep(*found)
 
-    def _keep(self, inode: Inode | None, parent: int) -> Inode:
-        """An inode fetched with its entry in `parent`, kept as the one object for its id."""
+    def _keep(self, entry: Dentry, inode: Inode | None) -> Inode:
+        """An inode fetched with its entry, kept as the one object for its id.
+        Entries and the rows they name change together: an entry naming no
+        row is damage, not a name that is gone."""
         if inode is None:
-            raise FUSEError(errno.ENOENT)
+            raise IntegrityError(
+                f"directory {entry.parent}: entry {entry.id} names inode {entry.inode}, which has no row"
+            )
         inode = self._inodes.setdefault(inode.id, inode)
         if stat.S_ISDIR(inode.mode):
-            self._dir_parents[inode.id] = parent
+            self._dir_parents[inode.id] = entry.parent
         return inode
 
     def _parent_dir(self, directory: Inode) -> Inode:
@@ -693,7 +714,7 @@ class Operations(pyfuse3.Operations):
         """A new inode under the (encrypted) name `name_ct` of `parent`; EEXIST if it is taken."""
         if inode_id is None:
             inode_id = self.md.allocate_inode_id()
-        if not self.md.add_entry(parent.id, name_ct, inode_id):
+        if not self.md.add_entry(parent, name_ct, inode_id):
             raise FUSEError(errno.EEXIST)
         now = _now()
         gid = ctx.gid
@@ -803,7 +824,7 @@ class Operations(pyfuse3.Operations):
         if inode.nlink == 0:
             raise FUSEError(errno.ENOENT)
         with self._transaction():
-            if not self.md.add_entry(parent.id, name_ct, inode.id):
+            if not self.md.add_entry(parent, name_ct, inode.id):
                 raise FUSEError(errno.EEXIST)
             now = _now()
             inode.nlink += 1
@@ -832,11 +853,13 @@ class Operations(pyfuse3.Operations):
         inode = self._inode(entry.inode)
         if stat.S_ISDIR(inode.mode) != directory:
             raise FUSEError(errno.ENOTDIR if directory else errno.EISDIR)
-        if directory and self.md.has_entries(inode.id):
-            raise FUSEError(errno.ENOTEMPTY)
+        if directory:
+            if self.md.has_entries(inode.id):
+                raise FUSEError(errno.ENOTEMPTY)
+            self._check_entries(inode, 0)
         now = _now()
         with self._transaction():
-            self.md.remove_entry(parent.id, name_ct)
+            self.md.remove_entry(parent, name_ct, inode.id)
             self._drop_link(inode, now)
             if directory:
                 parent.nlink -= 1
@@ -875,8 +898,8 @@ class Operations(pyfuse3.Operations):
             if target is None:
                 raise FUSEError(errno.ENOENT)
             with self._transaction():
-                self.md.repoint_entry(old_parent.id, old_ct, target.id)
-                self.md.repoint_entry(new_parent.id, new_ct, source.id)
+                self.md.repoint_entry(old_parent, old_ct, source.id, target.id)
+                self.md.repoint_entry(new_parent, new_ct, target.id, source.id)
                 if old_parent.id != new_parent.id and stat.S_ISDIR(source.mode) != stat.S_ISDIR(target.mode):
                     moved_dir_to_new = 1 if stat.S_ISDIR(source.mode) else -1
                     new_parent.nlink += moved_dir_to_new
@@ -898,16 +921,17 @@ class Operations(pyfuse3.Operations):
                     raise FUSEError(errno.ENOTDIR)
                 if self.md.has_entries(target.id):
                     raise FUSEError(errno.ENOTEMPTY)
+                self._check_entries(target, 0)
             elif stat.S_ISDIR(target.mode):
                 raise FUSEError(errno.EISDIR)
         with self._transaction():
             if target is not None:
-                self.md.remove_entry(new_parent.id, new_ct)
+                self.md.remove_entry(new_parent, new_ct, target.id)
                 self._drop_link(target, now)
                 if stat.S_ISDIR(target.mode):
                     new_parent.nlink -= 1
-            self.md.remove_entry(old_parent.id, old_ct)
-            if not self.md.add_entry(new_parent.id, new_ct, source.id):
+            self.md.remove_entry(old_parent, old_ct, source.id)
+            if not self.md.add_entry(new_parent, new_ct, source.id):
                 raise RuntimeError(f"directory {new_parent.id}: the rename target appeared during the rename")
             if flags & RENAME_WHITEOUT:
                 # What overlayfs asks for: a 0:0 character device left at the old name.
@@ -1262,19 +1286,41 @@ class Operations(pyfuse3.Operations):
         if self._listing_ends.get(directory.id) == start_id:
             return  # the kernel asks once more after the last entry
         after = max(0, start_id - 2)
+        listing = self._listings.pop(directory.id, None)
+        if after == 0:
+            listing = Listing(directory.entries, 2, 0)
+        elif listing is not None and listing.offset != start_id:
+            listing = None  # a seek: this listing cannot check the digest
+        digest = 0 if listing is None else listing.digest
         while True:
             entries = self.md.entries_with_inodes(directory.id, after, _READDIR_BATCH, self._inodes)
             for entry, found in entries:
-                inode = self._keep(found, directory.id)
+                inode = self._keep(entry, found)
                 name = self.names.decrypt_name(directory.id, entry.name)
                 if not pyfuse3.readdir_reply(token, name, self._attrs(inode), entry.id + 2):
                     self._release_cache(inode.id)
+                    if listing is not None:
+                        self._listings[directory.id] = Listing(listing.sealed, after + 2, digest)
                     return
                 self._lookups[inode.id] = self._lookups.get(inode.id, 0) + 1
+                if listing is not None:
+                    digest ^= self.md.entry_element(entry)
                 after = entry.id
             if len(entries) < _READDIR_BATCH:
                 self._listing_ends[directory.id] = after + 2
+                if listing is not None and listing.sealed == directory.entries:
+                    self._check_entries(directory, digest)
                 return
+
+    def _check_entries(self, directory: Inode, listed: int) -> None:
+        """The digest of every entry of `directory` against the one its row
+        records: an entry row deleted, added or put back behind envfs's back
+        makes them differ."""
+        if listed != self.md.entries_digest(directory):
+            raise IntegrityError(
+                f"directory {directory.id}: its entries do not match its entry set digest "
+                "(an entry was removed or added outside envfs)"
+            )
 
     @handler
     async def releasedir(self, fh: int) -> None:

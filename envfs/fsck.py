@@ -1,5 +1,6 @@
 """`envfs fsck`: read and authenticate a whole unmounted store and report
-every damaged or inconsistent item, changing nothing.
+every damaged or inconsistent item, changing nothing (but the one-time
+upgrade of a schema version 1 store's metadata, `Metadata.upgrade`).
 
 Each problem is one line handed to `report`, starting with a stable kind
 word and a colon, then the inode it concerns (with its plaintext path where
@@ -7,6 +8,8 @@ the tree allows working it out) and what is wrong:
 
     sqlite:      the database's own integrity check
     mac:         an inode row or a directory entry fails its MAC
+    entryset:    a directory's entries do not match its entry set digest
+                 (an entry row deleted, added or put back outside envfs)
     name:        an entry's name fails to decrypt
     entry:       an entry whose parent or inode is missing or of the wrong type,
                  a directory named twice, the root named at all
@@ -277,6 +280,20 @@ class _Fsck:
                 for entry in entries:
                     self.damage("entry", f"{self.where(entry.inode)}: entry {entry.id} is in {self.where(parent)}, "
                                 "which is not a directory")  # fmt: skip
+        bad_parents = {entry.parent for entry in self.bad_entries}
+        for inode_id, inode in self.inodes.items():
+            if not stat.S_ISDIR(inode.mode) or inode_id in bad_parents:
+                continue  # a failing entry has its own line already
+            digest = 0
+            for entry in self.children.get(inode_id, ()):
+                digest ^= self.metadata.entry_element(entry)
+            try:
+                matches = digest == self.metadata.entries_digest(inode)
+            except IntegrityError:
+                matches = False
+            if not matches:
+                self.damage("entryset", f"{self.where(inode_id)}: its entries do not match its entry set digest "
+                            "(an entry was removed or added outside envfs)")  # fmt: skip
         for inode_id, entries in self.entries_of.items():
             if inode_id not in self.inodes and inode_id not in self.bad_inodes:
                 for entry in entries:

@@ -36,7 +36,7 @@ from .errors import CorruptStore, IntegrityError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Group commits: at most this long, or this many changed rows, between commits.
 # A commit writes the changed pages to the WAL; a group of GROUP_CHANGES rows
 # stays well inside the store's space reserve (store.RESERVE_BYTES).
@@ -53,7 +53,7 @@ _S_IFMT = 0o170000  # the file type bits of st_mode
 
 
 def create_schema(db: sqlite3.Connection) -> None:
-    """Create the tables of a new store (schema version 1)."""
+    """Create the tables of a new store (schema version 2)."""
     db.executescript(
         """
         BEGIN;
@@ -74,7 +74,11 @@ def create_schema(db: sqlite3.Connection) -> None:
         --   key's HKDF info and of the data file's name.
         -- block_writes: blocks encrypted under the current (version, epoch);
         --   the nonce bound re-keys the file before it gets too large.
-        -- mac: HMAC-SHA256 over all columns above (FORMAT.md, "inode MAC").
+        -- mac: HMAC-SHA256 over all the other columns (FORMAT.md, "inode MAC").
+        -- entries: a directory's entry set digest, sealed (48 bytes; FORMAT.md,
+        --   "entry set digest"); NULL for an empty directory and for
+        --   everything that is not a directory. Last, as schema version 1's
+        --   upgrade adds it.
         CREATE TABLE inodes (
             id           INTEGER PRIMARY KEY AUTOINCREMENT,
             mode         INTEGER NOT NULL,
@@ -89,7 +93,8 @@ def create_schema(db: sqlite3.Connection) -> None:
             key_version  INTEGER NOT NULL,
             key_epoch    INTEGER NOT NULL,
             block_writes INTEGER NOT NULL,
-            mac          BLOB NOT NULL
+            mac          BLOB NOT NULL,
+            entries      BLOB
         );
 
         -- One row per name in a directory.
@@ -124,7 +129,7 @@ def create_schema(db: sqlite3.Connection) -> None:
             PRIMARY KEY (inode, name)
         );
 
-        -- Store-wide settings; 'schema_version' = 1.
+        -- Store-wide settings; 'schema_version' = 2.
         CREATE TABLE settings (
             name  TEXT PRIMARY KEY,
             value
@@ -152,13 +157,21 @@ class Inode:
     key_version: int
     key_epoch: int
     block_writes: int
+    # A directory's entry set digest, sealed (`Metadata.add_entry` keeps it);
+    # None for an empty directory and for what is not a directory.
+    entries: bytes | None = None
 
 
 _INODE_COLUMNS = [f.name for f in fields(Inode)]
 _INODE_PACK = struct.Struct(">QIIIQQqqqqIIQ")
 _DENTRY_PREFIX = struct.Struct(">QQ")
-_INODE_MAC_PREFIX = b"envfs inode v1\x00"
+_INODE_MAC_PREFIX = b"envfs inode v2\x00"
+_INODE_MAC_PREFIX_V1 = b"envfs inode v1\x00"
 _DENTRY_MAC_PREFIX = b"envfs dentry v1\x00"
+_ELEMENT_PREFIX = b"envfs entry element v1\x00"
+_SEAL_PREFIX = b"envfs entry set seal v1\x00"
+_SEAL_NONCE_SIZE = 16
+SEALED_DIGEST_SIZE = _SEAL_NONCE_SIZE + MAC_SIZE
 # An inode's column values in _INODE_COLUMNS order, as one tuple.
 inode_values = operator.attrgetter(*_INODE_COLUMNS)
 
@@ -180,6 +193,7 @@ _ENTRIES_AFTER = (
 # An inode row's columns in a query that joins `inodes i`.
 _INODE_FIELDS = ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + ", i.mac"
 _GET_INODE = f"SELECT {_INODE_FIELDS} FROM inodes i WHERE i.id=?"
+_SET_ENTRIES = "UPDATE inodes SET entries=?, mac=? WHERE id=?"
 _SAVE_INODE = f"UPDATE inodes SET {', '.join(f'{c}=?' for c in _INODE_COLUMNS[1:])}, mac=? WHERE id=?"
 # A directory entry with its inode row (None columns if the row is missing).
 _ENTRY_AND_INODE = (
@@ -257,8 +271,13 @@ class Metadata:
             if "full" in str(e):
                 raise OSError(errno.ENOSPC, f"{path}: no space left for the metadata database") from e
             raise CorruptStore(f"{path}: metadata database unreadable: {e}") from e
-        if version is None or version[0] != SCHEMA_VERSION:
+        if version is None or version[0] not in (1, SCHEMA_VERSION):
             raise CorruptStore(f"{path}: unknown metadata schema version {version}")
+        # 1: a store made before directories had entry set digests; `upgrade`
+        # makes it 2, and nothing reads its rows before.
+        self.schema_version: int = version[0]
+        self._path = os.fspath(path)
+        self._read_only = read_only
         if not create and not read_only:
             self._add_missing_indexes()
 
@@ -268,6 +287,36 @@ class Metadata:
             self.db.execute("CREATE INDEX IF NOT EXISTS dentries_in_order ON dentries (parent, id)")
         except sqlite3.OperationalError as e:  # a full disk, a read-only store: slower, not wrong
             log.warning("metadata: index dentries_in_order not created: %s", e)
+
+    def upgrade(self) -> None:
+        """Bring a schema version 1 database to version 2, in one transaction:
+        every directory gets the digest of its entries, and every inode row
+        the MAC that covers it, under this object's key (the key the rows are
+        under). A row or entry that fails its version 1 MAC stays as it is,
+        failing, and is left out of its directory's digest; fsck reports it."""
+        if self.schema_version == SCHEMA_VERSION:
+            return
+        if self._read_only:
+            raise CorruptStore(
+                f"{self._path}: metadata schema version 1 is upgraded at the first mount, which needs the store "
+                "writable; mount it once where it is"
+            )
+        digests: dict[int, int] = {}
+        with self.transaction():
+            self.db.execute("ALTER TABLE inodes ADD COLUMN entries BLOB")
+            for entry, valid in self.scan_entries():
+                if valid:
+                    digests[entry.parent] = digests.get(entry.parent, 0) ^ self.entry_element(entry)
+            for row in self._batches(f"SELECT {_INODE_FIELDS} FROM inodes i WHERE i.id>? ORDER BY i.id LIMIT ?"):
+                inode = Inode(*row[:-1])
+                if not _mac_matches(lambda inode=inode: self._macs.inode_v1(inode), row[-1]):
+                    log.warning("metadata upgrade: inode %d fails its MAC; left as it is", inode.id)
+                    continue
+                inode.entries = self._macs.seal(inode.id, digests.get(inode.id, 0))
+                self.db.execute(_SET_ENTRIES, (inode.entries, self.inode_mac(inode), inode.id))
+            self.db.execute("UPDATE settings SET value=? WHERE name='schema_version'", (SCHEMA_VERSION,))
+        self.schema_version = SCHEMA_VERSION
+        log.info("metadata: upgraded from schema version 1 to %d (entry set digests)", SCHEMA_VERSION)
 
     def close(self) -> None:
         self.db.close()
@@ -555,29 +604,52 @@ class Metadata:
     def has_entries(self, parent: int) -> bool:
         return self.db.execute("SELECT 1 FROM dentries WHERE parent=? LIMIT 1", (parent,)).fetchone() is not None
 
-    def add_entry(self, parent: int, name: bytes, inode: int) -> bool:
+    def add_entry(self, parent: Inode, name: bytes, inode: int) -> bool:
         """Add an entry; False, and nothing added, if `parent` holds the name already.
 
         The unique index answers whether the name is taken, so that creating
-        a name costs no query before the insert.
+        a name costs no query before the insert. The entry joins `parent`'s
+        entry set digest, which the caller saves with the rest of `parent`.
         """
         cursor = self._change(
             "INSERT OR IGNORE INTO dentries (parent, name, inode, mac) VALUES (?, ?, ?, ?)",
-            (parent, name, inode, self.dentry_mac(parent, inode, name)),
+            (parent.id, name, inode, self.dentry_mac(parent.id, inode, name)),
         )
-        return cursor.rowcount == 1
+        if cursor.rowcount != 1:
+            return False
+        self._toggle_element(parent, self._macs.element(parent.id, inode, name))
+        return True
 
-    def remove_entry(self, parent: int, name: bytes) -> None:
+    def remove_entry(self, parent: Inode, name: bytes, inode: int) -> None:
+        """Remove the entry `name` of `parent`, which names `inode` (the caller looked it up)."""
         # Not DELETE ... RETURNING in place of the caller's lookup: measured slower
         # than a SELECT and a DELETE (12.0 against 11.2 µs on tmpfs).
-        self._change("DELETE FROM dentries WHERE parent=? AND name=?", (parent, name))
+        self._change("DELETE FROM dentries WHERE parent=? AND name=?", (parent.id, name))
+        self._toggle_element(parent, self._macs.element(parent.id, inode, name))
 
-    def repoint_entry(self, parent: int, name: bytes, inode: int) -> None:
-        """Make an existing entry name another inode (rename over, exchange)."""
+    def repoint_entry(self, parent: Inode, name: bytes, old_inode: int, inode: int) -> None:
+        """Make an existing entry, which names `old_inode`, name `inode` (rename over, exchange)."""
         self._change(
             "UPDATE dentries SET inode=?, mac=? WHERE parent=? AND name=?",
-            (inode, self.dentry_mac(parent, inode, name), parent, name),
+            (inode, self.dentry_mac(parent.id, inode, name), parent.id, name),
         )
+        self._toggle_element(
+            parent, self._macs.element(parent.id, old_inode, name) ^ self._macs.element(parent.id, inode, name)
+        )
+
+    def _toggle_element(self, directory: Inode, element: int) -> None:
+        directory.entries = self._macs.seal(directory.id, self.entries_digest(directory) ^ element)
+
+    # -- entry set digests -------------------------------------------------
+
+    def entries_digest(self, directory: Inode) -> int:
+        """The digest of a directory's entries as its (authenticated) inode row records it."""
+        return self._macs.unseal(directory.id, directory.entries)
+
+    def entry_element(self, entry: Dentry) -> int:
+        """An entry's part of its directory's digest: the digest is the XOR of
+        its entries' elements, so a listing that read them all can check it."""
+        return self._macs.element(entry.parent, entry.inode, entry.name)
 
     def parent_of(self, inode: int) -> int | None:
         """The directory holding a directory (directories have one entry)."""
@@ -689,18 +761,19 @@ class Metadata:
         target: Callable[[int, bytes], bytes], xattr: Callable[[int, bytes, bytes], tuple[bytes, bytes]],
     ) -> None:  # fmt: skip
         """Move every row to the metadata MAC key `mac` of `key_version`, in one
-        transaction: inode and entry MACs recomputed, entry names, symlink
-        targets and xattrs replaced by what the callbacks give for their
-        ciphertexts (re-encryption under the new name key). Every row is
-        authenticated under the current key first; `metadata_key_version`
+        transaction: inode and entry MACs and directories' entry set digests
+        recomputed, entry names, symlink targets and xattrs replaced by what
+        the callbacks give for their ciphertexts (re-encryption under the new
+        name key). Every row and digest is authenticated under the current
+        key first; `metadata_key_version`
         records the new version in the same transaction. Afterwards this
         object reads and writes under the new key."""
         new = _RowMacs(mac)
+        # Each directory's digest: of its entries as they are, to check the
+        # stored one, and under the new key, with the new names, to store.
+        old_digests: dict[int, int] = {}
+        new_digests: dict[int, int] = {}
         with self.transaction():
-            for inode_id, inode in self.scan_inodes():
-                if inode is None:
-                    raise IntegrityError(f"inode {inode_id}: metadata MAC mismatch")
-                self.db.execute("UPDATE inodes SET mac=? WHERE id=?", (new.inode(inode), inode.id))
             for entry, valid in self.scan_entries():
                 if not valid:
                     raise IntegrityError(f"directory {entry.parent}: entry {entry.id} MAC mismatch")
@@ -709,6 +782,16 @@ class Metadata:
                     "UPDATE dentries SET name=?, mac=? WHERE id=?",
                     (name_ct, new.dentry(entry.parent, entry.inode, name_ct), entry.id),
                 )
+                old_digests[entry.parent] = old_digests.get(entry.parent, 0) ^ self.entry_element(entry)
+                element = new.element(entry.parent, entry.inode, name_ct)
+                new_digests[entry.parent] = new_digests.get(entry.parent, 0) ^ element
+            for inode_id, inode in self.scan_inodes():
+                if inode is None:
+                    raise IntegrityError(f"inode {inode_id}: metadata MAC mismatch")
+                if self.entries_digest(inode) != old_digests.get(inode.id, 0):
+                    raise IntegrityError(f"directory {inode.id}: its entries do not match its entry set digest")
+                inode.entries = new.seal(inode.id, new_digests.get(inode.id, 0))
+                self.db.execute(_SET_ENTRIES, (inode.entries, new.inode(inode), inode.id))
             for inode_id, target_ct in self.scan_symlinks():
                 self.db.execute("UPDATE symlinks SET target=? WHERE inode=?", (target(inode_id, target_ct), inode_id))
             for rowid, inode_id, name_ct, value_ct in self._batches(_XATTRS_AFTER):
@@ -723,23 +806,62 @@ class Metadata:
 
 class _RowMacs:
     """HMAC contexts of one metadata MAC key with each row kind's fixed prefix
-    already hashed in: a row's MAC then costs one copy, one update and the finish."""
+    already hashed in: a row's MAC then costs one copy, one update and the finish.
+    The same key gives the secret elements of directories' entry set digests
+    and the pads that seal them (FORMAT.md, "entry set digest")."""
 
     def __init__(self, mac: hmac.HMAC) -> None:
         self._inode = mac.copy()
         self._inode.update(_INODE_MAC_PREFIX)
+        self._inode_v1 = mac.copy()
+        self._inode_v1.update(_INODE_MAC_PREFIX_V1)
         self._dentry = mac.copy()
         self._dentry.update(_DENTRY_MAC_PREFIX)
+        self._element = mac.copy()
+        self._element.update(_ELEMENT_PREFIX)
+        self._seal = mac.copy()
+        self._seal.update(_SEAL_PREFIX)
 
     def inode(self, inode: Inode) -> bytes:
         h = self._inode.copy()
-        h.update(_INODE_PACK.pack(*inode_values(inode)))
+        h.update(_INODE_PACK.pack(*inode_values(inode)[:-1]) + (inode.entries or b""))
+        return h.finalize()
+
+    def inode_v1(self, inode: Inode) -> bytes:
+        """The MAC of schema version 1 (no entry set digest), for the upgrade."""
+        h = self._inode_v1.copy()
+        h.update(_INODE_PACK.pack(*inode_values(inode)[:-1]))
         return h.finalize()
 
     def dentry(self, parent: int, inode: int, name: bytes) -> bytes:
         h = self._dentry.copy()
         h.update(_DENTRY_PREFIX.pack(parent, inode) + name)
         return h.finalize()
+
+    def element(self, parent: int, inode: int, name: bytes) -> int:
+        """An entry's element of its directory's digest (never stored)."""
+        h = self._element.copy()
+        h.update(_DENTRY_PREFIX.pack(parent, inode) + name)
+        return int.from_bytes(h.finalize())
+
+    def _pad(self, directory: int, nonce: bytes) -> int:
+        h = self._seal.copy()
+        h.update(struct.pack(">Q", directory) + nonce)
+        return int.from_bytes(h.finalize())
+
+    def seal(self, directory: int, digest: int) -> bytes | None:
+        """A digest as stored: None for the empty set, else a fresh nonce and the digest under its pad."""
+        if not digest:
+            return None
+        nonce = os.urandom(_SEAL_NONCE_SIZE)
+        return nonce + (digest ^ self._pad(directory, nonce)).to_bytes(MAC_SIZE)
+
+    def unseal(self, directory: int, sealed: bytes | None) -> int:
+        if sealed is None:
+            return 0
+        if len(sealed) != SEALED_DIGEST_SIZE:
+            raise IntegrityError(f"directory {directory}: entry set digest of {len(sealed)} bytes")
+        return int.from_bytes(sealed[_SEAL_NONCE_SIZE:]) ^ self._pad(directory, sealed[:_SEAL_NONCE_SIZE])
 
 
 def _mac_matches(expected: Callable[[], bytes], stored: object) -> bool:

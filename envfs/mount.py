@@ -206,6 +206,7 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
             if store.free_bytes() < RESERVE_BYTES:
                 store.release_reserve()  # a full disk: the reserve is there for this
             try:
+                metadata.upgrade()
                 recover(store, metadata)
                 metadata.set_setting("mounted", 1)
                 metadata.sync()

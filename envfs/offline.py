@@ -93,6 +93,11 @@ class OfflineStore:
             if rows_version != self.superblock.current_key_version:
                 metadata.close()
                 metadata = Metadata(path, keys.metadata_mac(rows_version), read_only=self.read_only)
+            try:
+                metadata.upgrade()
+            except BaseException:
+                metadata.close()
+                raise
             self._metadata = metadata
         return self._metadata
 

@@ -30,7 +30,7 @@ from envfs import blocks, kdf, store
 from envfs.embedded import TOKEN_LABEL, EmbeddedToken, TokenServer
 from envfs.hsm import Hsm
 from envfs.keys import KeyRing
-from envfs.metadata import Inode, Metadata
+from envfs.metadata import Dentry, Inode, Metadata
 from envfs.names import NameCipher
 from envfs.secret import Secret
 
@@ -99,8 +99,20 @@ INODE_PACKED = (
     "0000000000000002000081a4000003e8000003e8000000000000000100000000000000000000000000003039"
     "17979cfe3d85cd1517979cfe71c4ca0017979cfead5f940000000001000000000000000000000004"
 )
-INODE_MAC = "b25785b944a6d078a113bf60ac8ad6f76edcb5b49cb204efd04c711e5dda3b0b"
+INODE_MAC = "3297e1b20525187aa79b6ecb37126968c981d3ce66e2655c2ec40cf069dfda17"
 DENTRY_MAC = "d08d20bed3a7b711ec31d12970f11fce79a59e3d6e54370927b358a067aab96c"  # parent 1, inode 2, NAME_CT
+# The root directory holding that one entry: the entry's element, the pad of
+# the documented nonce, the sealed digest and the directory's inode MAC.
+ENTRY_ELEMENT = "b5873518fa171f3c3050765e985bdf2d0a108eb29d34bf8a8f17e07c33883f1a"
+SEAL_NONCE = bytes(range(16))
+SEAL_PAD = "48ee60df8320662e1baa656631559d20ac500455344de85576e9c0d46906eaab"
+SEALED_DIGEST = "000102030405060708090a0b0c0d0e0ffd6955c7793779122bfa1338a90e420da6408ae7a97957dff9fe20a85a8ed5b1"
+DIR_ROW = dict(
+    id=1, mode=0o40755, uid=1000, gid=1000, nlink=2, rdev=0, size=0,
+    atime_ns=1700000000123456789, mtime_ns=1700000001000000000, ctime_ns=1700000002000000000,
+    key_version=1, key_epoch=0, block_writes=0,
+)  # fmt: skip
+DIR_MAC = "aa3e410c8da77bb411979bb3571a256b5b7ffafe79fe10b7a5d3e32ea311216f"
 SUPERBLOCK_CANONICAL = (
     '{"block_size":4096,"current_key_version":1,"format":"envfs","format_version":1,'
     '"hsm":{"token":"envfs","type":"embedded"},'
@@ -351,15 +363,29 @@ def test_metadata_mac_vectors(tmp_path: Path) -> None:
     mac_key = bytes.fromhex(OKM["metadata mac"])
     row = struct.pack(">QIIIQQqqqqIIQ", *INODE_ROW.values())
     assert len(row) == 84 and row.hex() == INODE_PACKED
-    assert hmac.new(mac_key, b"envfs inode v1\x00" + row, hashlib.sha256).hexdigest() == INODE_MAC
+    assert hmac.new(mac_key, b"envfs inode v2\x00" + row, hashlib.sha256).hexdigest() == INODE_MAC
     dentry = b"envfs dentry v1\x00" + struct.pack(">QQ", 1, 2) + bytes.fromhex(NAME_CT)
     assert hmac.new(mac_key, dentry, hashlib.sha256).hexdigest() == DENTRY_MAC
+    # The entry set digest of a directory holding that one entry, sealed with a given nonce.
+    element = b"envfs entry element v1\x00" + struct.pack(">QQ", 1, 2) + bytes.fromhex(NAME_CT)
+    assert hmac.new(mac_key, element, hashlib.sha256).hexdigest() == ENTRY_ELEMENT
+    pad = b"envfs entry set seal v1\x00" + struct.pack(">Q", 1) + SEAL_NONCE
+    assert hmac.new(mac_key, pad, hashlib.sha256).hexdigest() == SEAL_PAD
+    masked = int(ENTRY_ELEMENT, 16) ^ int(SEAL_PAD, 16)
+    sealed = SEAL_NONCE + masked.to_bytes(32)
+    assert sealed.hex() == SEALED_DIGEST
+    dir_row = struct.pack(">QIIIQQqqqqIIQ", *DIR_ROW.values())
+    assert hmac.new(mac_key, b"envfs inode v2\x00" + dir_row + sealed, hashlib.sha256).hexdigest() == DIR_MAC
 
     metadata = Metadata(tmp_path / "m.db", crypto_hmac.HMAC(mac_key, hashes.SHA256()), create=True)
     try:
         assert metadata.inode_mac(Inode(**INODE_ROW)).hex() == INODE_MAC
         assert metadata.dentry_mac(1, 2, bytes.fromhex(NAME_CT)).hex() == DENTRY_MAC
-        assert metadata.get_setting("schema_version") == 1
+        assert metadata.entry_element(Dentry(7, 1, bytes.fromhex(NAME_CT), 2)) == int(ENTRY_ELEMENT, 16)
+        directory = Inode(**DIR_ROW, entries=bytes.fromhex(SEALED_DIGEST))
+        assert metadata.inode_mac(directory).hex() == DIR_MAC
+        assert metadata.entries_digest(directory) == int(ENTRY_ELEMENT, 16)
+        assert metadata.get_setting("schema_version") == 2
     finally:
         metadata.close()
 
@@ -398,11 +424,12 @@ class IndependentReader:
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
         assert hmac.compare_digest(self.mac(b"envfs superblock v1\x00", canonical).hex(), sb["mac"])
         self.db = sqlite3.connect(f"file:{store_dir / 'meta.db'}?mode=ro", uri=True)
-        assert self.db.execute("SELECT value FROM settings WHERE name='schema_version'").fetchone() == (1,)
+        assert self.db.execute("SELECT value FROM settings WHERE name='schema_version'").fetchone() == (2,)
         rows_version = self.db.execute("SELECT value FROM settings WHERE name='metadata_key_version'").fetchone()
         assert (rows_version or (1,))[0] == self.version, "a rotation stopped half-way"
         name_key = b"".join(self.derive(b"envfs name key v1", self.version, bytes([h])) for h in (1, 2))
         self.siv = AESSIV(name_key)
+        self.digests: dict[int, int] = {}  # sealed entry set digests, opened by `inodes`
 
     def derive(self, label: bytes, version: int, fields: bytes = b"") -> bytes:
         info = label + b"\x00" + self.uuid + struct.pack(">I", version) + fields
@@ -413,22 +440,32 @@ class IndependentReader:
 
     def inodes(self) -> dict[int, tuple[int, ...]]:
         rows = {}
+        self.digests.clear()
         for row in self.db.execute(
             "SELECT id, mode, uid, gid, nlink, rdev, size, atime_ns, mtime_ns, ctime_ns, key_version, key_epoch,"
-            " block_writes, mac FROM inodes"
+            " block_writes, mac, entries FROM inodes"
         ):
-            packed = struct.pack(">QIIIQQqqqqIIQ", *row[:13])
-            assert hmac.compare_digest(self.mac(b"envfs inode v1\x00", packed), row[13]), f"inode {row[0]}"
+            packed = struct.pack(">QIIIQQqqqqIIQ", *row[:13]) + (row[14] or b"")
+            assert hmac.compare_digest(self.mac(b"envfs inode v2\x00", packed), row[13]), f"inode {row[0]}"
             rows[row[0]] = row[:13]
+            if row[14] is not None:
+                nonce, masked = row[14][:16], row[14][16:]
+                pad = self.mac(b"envfs entry set seal v1\x00", struct.pack(">Q", row[0]), nonce)
+                self.digests[row[0]] = int.from_bytes(masked) ^ int.from_bytes(pad)
         return rows
 
     def entries(self) -> dict[int, list[tuple[bytes, int]]]:
+        """Every directory's entries, checked against its entry set digest (`inodes` first)."""
         children: dict[int, list[tuple[bytes, int]]] = {}
+        digests: dict[int, int] = {}
         for parent, name_ct, inode, mac in self.db.execute("SELECT parent, name, inode, mac FROM dentries"):
             expected = self.mac(b"envfs dentry v1\x00", struct.pack(">QQ", parent, inode), name_ct)
             assert hmac.compare_digest(expected, mac), f"entry in {parent}"
             name = self.siv.decrypt(name_ct, [b"envfs name\x00" + struct.pack(">Q", parent)])
             children.setdefault(parent, []).append((name, inode))
+            element = self.mac(b"envfs entry element v1\x00", struct.pack(">QQ", parent, inode), name_ct)
+            digests[parent] = digests.get(parent, 0) ^ int.from_bytes(element)
+        assert digests == self.digests, "a directory's entries do not match its entry set digest"
         return children
 
     def symlink(self, inode: int) -> bytes:
@@ -580,6 +617,60 @@ def test_independent_decryptor(envfs: Envfs, tmp_path: Path, rotated: bool) -> N
     assert ids["/big.bin"] == ids["/big-link"]
     # sparse.bin: blocks 1-4 are holes; grown: block 0 written, blocks 1-24 holes.
     assert holes == 4 + 24
+
+
+def _downgrade_to_schema_1(store_dir: Path, master_key: bytes) -> None:
+    """Make a store's metadata what schema version 1 wrote: no entry set digests,
+    inode MACs with the version 1 prefix (FORMAT.md 9)."""
+    reader = IndependentReader(store_dir, master_key)
+    db = reader.db
+    reader.db = sqlite3.connect(store_dir / "meta.db")
+    db.close()
+    with reader.db as db:
+        for row in db.execute("SELECT * FROM inodes").fetchall():
+            packed = struct.pack(">QIIIQQqqqqIIQ", *row[:13])
+            db.execute("UPDATE inodes SET mac=? WHERE id=?", (reader.mac(b"envfs inode v1\x00", packed), row[0]))
+        db.execute("ALTER TABLE inodes DROP COLUMN entries")
+        db.execute("UPDATE settings SET value=1 WHERE name='schema_version'")
+    reader.db.close()
+
+
+@pytest.mark.timeout(120)
+def test_schema_1_store_is_upgraded(envfs: Envfs, tmp_path: Path) -> None:
+    """A store whose metadata schema version 1 wrote gets its entry set digests at
+    the next mount, and reads as before: through the mount, for FORMAT.md's reader
+    and for fsck; from then on a deleted entry is detected there as well."""
+    key_file = tmp_path / "master.hex"
+    key_file.write_text(MASTER_KEY.hex())
+    envfs.init("--import-master-key-file", str(key_file))
+    envfs.mount()
+    (envfs.mnt / "sub" / "deeper").mkdir(parents=True)
+    for i in range(40):
+        (envfs.mnt / "sub" / f"f{i}").write_bytes(b"%d" % i)
+    (envfs.mnt / "sub" / "deeper" / "x").write_bytes(b"x")
+    os.symlink("sub/f1", envfs.mnt / "link")
+    (envfs.mnt / "empty-dir").mkdir()
+    envfs.unmount()
+    _downgrade_to_schema_1(envfs.store, MASTER_KEY)
+    db = sqlite3.connect(envfs.store / "meta.db")
+    assert db.execute("SELECT value FROM settings WHERE name='schema_version'").fetchone() == (1,)
+    db.close()
+
+    envfs.mount()
+    assert sorted(os.listdir(envfs.mnt / "sub")) == sorted([f"f{i}" for i in range(40)] + ["deeper"])
+    assert (envfs.mnt / "sub" / "f7").read_bytes() == b"7"
+    assert sorted(os.listdir(envfs.mnt)) == ["empty-dir", "link", "sub"]
+    os.rmdir(envfs.mnt / "empty-dir")
+    envfs.unmount()
+    reader = IndependentReader(envfs.store, MASTER_KEY)
+    try:
+        tree, _, _ = reader.tree()  # checks every directory's digest
+        assert reader.db.execute("SELECT value FROM settings WHERE name='schema_version'").fetchone() == (2,)
+    finally:
+        reader.db.close()
+    assert tree["/sub/deeper/x"][2] == b"x"
+    result = envfs.run("fsck", str(envfs.store), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.timeout(120)

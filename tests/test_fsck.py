@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 from helpers import Envfs, envfs_mounts, flip, process_gone
 
+from envfs.metadata import Inode
 from envfs.offline import OfflineStore
 from envfs.store import KeyVersion
 
@@ -39,8 +40,8 @@ NONCE = 12
 DAMAGE_EXIT = 40
 # The kind words of problem lines (envfs/fsck.py); `leftover` and `note` are not damage.
 KINDS = {
-    "sqlite", "mac", "name", "entry", "nlink", "unreachable", "cycle", "symlink", "xattr", "keyversion", "counter",
-    "missing", "short", "block", "data", "leftover", "note",
+    "sqlite", "mac", "name", "entry", "entryset", "nlink", "unreachable", "cycle", "symlink", "xattr", "keyversion",
+    "counter", "missing", "short", "block", "data", "leftover", "note",
 }  # fmt: skip
 SUMMARY = re.compile(
     r"inodes: +(?P<inodes>\d+) \((?P<directories>\d+) directories, (?P<files>\d+) files, "
@@ -328,6 +329,13 @@ def _entry_repointed(p: Pristine, store: Path) -> list[str]:
     ]
 
 
+def _entries_differ(directory: int, path: str) -> str:
+    return (
+        rf"entryset: inode {directory} \({re.escape(path)}\): its entries do not match its entry set digest "
+        r"\(an entry was removed or added outside envfs\)"
+    )
+
+
 def _directory_entry_deleted(p: Pristine, store: Path) -> list[str]:
     dir_, sub, deep = p.ino["/dir"], p.ino["/dir/sub"], p.ino["/dir/sub/deep.txt"]
     edit_db(store, "DELETE FROM dentries WHERE inode = ?", sub)
@@ -336,13 +344,17 @@ def _directory_entry_deleted(p: Pristine, store: Path) -> list[str]:
         rf"unreachable: inode {sub}: no directory entry names it \(nlink 2\)",
         rf"unreachable: inode {deep} \(\?/deep.txt\): not reachable from the root",
         rf"nlink: inode {dir_} \(/dir\): nlink is 3, subdirectories give 2",
+        _entries_differ(dir_, "/dir"),
     ]
 
 
 def _file_entry_deleted(p: Pristine, store: Path) -> list[str]:
     big = p.ino["/big"]
     edit_db(store, "DELETE FROM dentries WHERE inode = ? AND parent = 1", big)
-    return [rf"nlink: inode {big} \(/dir/sub/big-link\): nlink is 2, entries naming it give 1"]
+    return [
+        rf"nlink: inode {big} \(/dir/sub/big-link\): nlink is 2, entries naming it give 1",
+        _entries_differ(1, "/"),
+    ]
 
 
 def _entry_moved(p: Pristine, store: Path) -> list[str]:
@@ -351,6 +363,7 @@ def _entry_moved(p: Pristine, store: Path) -> list[str]:
     return [
         rf"mac: inode {edge}: directory entry \d+ in directory {dir_} \(/dir\) fails its MAC",
         rf"unreachable: inode {edge}: no directory entry names it \(nlink 1\)",
+        _entries_differ(1, "/"),  # the entry left it (in /dir, its failing MAC is the line)
     ]
 
 
@@ -514,8 +527,19 @@ def forge(store: str, ino: dict[str, int]) -> None:
     with OfflineStore(store, os.environ["ENVFS_PIN"], "fsck") as offline:
         md, names = offline.metadata(), offline.keys().name_cipher()
 
-        def add(parent: int, name: str, inode: int) -> None:
-            assert md.add_entry(parent, names.encrypt_name(parent, name.encode()), inode)
+        def add(parent_id: int, name: str, inode: int) -> None:
+            parent = md.get_inode(parent_id)
+            if parent is None:  # an entry in a directory that does not exist
+                parent = Inode(parent_id, stat.S_IFDIR | 0o755, 0, 0, 2, 0, 0, 0, 0, 0, 1, 0, 0)
+            assert md.add_entry(parent, names.encrypt_name(parent_id, name.encode()), inode)
+            if md.get_inode(parent_id) is not None:
+                md.save_inode(parent)  # with its entry set digest, as envfs keeps it
+
+        def remove(parent_id: int, name: str, inode: int) -> None:
+            parent = md.get_inode(parent_id)
+            assert parent is not None
+            md.remove_entry(parent, names.encrypt_name(parent_id, name.encode()), inode)
+            md.save_inode(parent)
 
         def change(inode_id: int, **values: int) -> None:
             inode = md.get_inode(inode_id)
@@ -525,7 +549,7 @@ def forge(store: str, ino: dict[str, int]) -> None:
             md.save_inode(inode)
 
         a, c, dir_ = ino["/a"], ino["/a/b/c"], ino["/dir"]
-        md.remove_entry(1, names.encrypt_name(1, b"a"))  # a/b/c and a inside c: a cycle
+        remove(1, "a", a)  # a/b/c and a inside c: a cycle
         add(c, "a", a)
         change(c, nlink=3)
         add(1, "again", dir_)  # a second name for a directory (the root's count stays as a left)
@@ -543,7 +567,7 @@ def forge(store: str, ino: dict[str, int]) -> None:
         change(ino["/one"], block_writes=offline.superblock.rekey_after_block_writes + 2)
         change(ino["/over"], key_version=9)
         change(ino["/grown"], nlink=0)
-        md.remove_entry(1, names.encrypt_name(1, b"punched"))
+        remove(1, "punched", ino["/punched"])
         change(ino["/punched"], nlink=0)
         names.close()
 

@@ -18,7 +18,7 @@ from envfs import blocks, fs, kdf
 from envfs.blocks import NONCE_SIZE, SLOT_SIZE, BlockCipher, block_aad, max_data_length, min_data_length
 from envfs.datafile import DataFile
 from envfs.errors import IntegrityError
-from envfs.metadata import WALK_READ_AHEAD, Metadata
+from envfs.metadata import WALK_READ_AHEAD, Inode, Metadata
 from envfs.names import NameCipher
 from envfs.secret import BufferPool, Secret, zero_buffer, zero_bytes
 
@@ -311,10 +311,11 @@ def test_entries_with_their_inodes(tmp_path: Path) -> None:
     take known inodes as given, and check the MACs of the others."""
     md = _metadata_with_root(tmp_path)
     fields = _FILE_FIELDS
+    root = md.get_inode(1)
     files = [md.create_inode(**fields) for _ in range(3)]
     with md.transaction():
         for i, f in enumerate(files):
-            md.add_entry(1, b"n%d" % i, f.id)
+            md.add_entry(root, b"n%d" % i, f.id)
         md.set_xattr(files[1].id, b"x", b"v")
     listed = md.entries_with_inodes(1, 0, 10, {})
     assert [(e.name, i) for e, i in listed] == [(b"n%d" % k, f) for k, f in enumerate(files)]
@@ -337,14 +338,18 @@ def test_entries_with_their_inodes(tmp_path: Path) -> None:
 def test_a_taken_name_is_not_added_again(tmp_path: Path) -> None:
     """add_entry leaves a taken name as it was and says so, and adds a free one."""
     md = _metadata_with_root(tmp_path)
+    root = md.get_inode(1)
     a, b = md.create_inode(**_FILE_FIELDS), md.create_inode(**_FILE_FIELDS)
     with md.transaction():
-        assert md.add_entry(1, b"n", a.id)
-        assert not md.add_entry(1, b"n", b.id)
+        assert md.add_entry(root, b"n", a.id)
+        digest = md.entries_digest(root)
+        assert not md.add_entry(root, b"n", b.id)
+        assert md.entries_digest(root) == digest  # a name not added is not in the digest
     assert md.lookup(1, b"n").inode == a.id
     with md.transaction():
-        md.remove_entry(1, b"n")
-        assert md.add_entry(1, b"n", b.id)
+        md.remove_entry(root, b"n", a.id)
+        assert root.entries is None  # the empty set
+        assert md.add_entry(root, b"n", b.id)
     assert md.lookup(1, b"n").inode == b.id
     md.close()
 
@@ -357,7 +362,7 @@ def test_next_file_walks_the_tree_in_listing_order(tmp_path: Path) -> None:
     fields = _FILE_FIELDS
     walk_order: list[int] = []
 
-    def make(parent: int, layout: list[object]) -> None:
+    def make(parent: Inode, layout: list[object]) -> None:
         for i, item in enumerate(layout):
             if item == "f":
                 inode = md.create_inode(**fields)
@@ -368,10 +373,10 @@ def test_next_file_walks_the_tree_in_listing_order(tmp_path: Path) -> None:
                 inode = md.create_inode(**{**fields, "mode": 0o40755, "nlink": 2})
             md.add_entry(parent, b"e%d" % i, inode.id)
             if isinstance(item, list):
-                make(inode.id, item)
+                make(inode, item)
 
     with md.transaction():
-        make(1, [
+        make(md.get_inode(1), [
             "f", [["f", "l", []], "f"], "l", [], ["f"], [[[["f"]]]],
             # Directories of more entries than one query reads ahead, and of exactly as many.
             ["f"] * (2 * WALK_READ_AHEAD + 5) + [["f"]], ["f"] * WALK_READ_AHEAD, "f",
@@ -396,7 +401,7 @@ def test_metadata_rows_are_macd(tmp_path: Path) -> None:
     child = md.create_inode(**fields)
     assert (root.id, child.id) == (1, 2)
     with md.transaction():
-        md.add_entry(1, b"name-ct", 2)
+        md.add_entry(root, b"name-ct", 2)
     assert md.lookup(1, b"name-ct").inode == 2
     md.delete_inode(2)
     assert md.create_inode(**fields).id == 3  # ids are never reused
