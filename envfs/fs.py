@@ -127,12 +127,9 @@ class Handle:
 
 class Listing(NamedTuple):
     """A directory listing under way, for the check of its entry set digest
-    at the end: the directory's sealed digest when it began (sealing draws a
-    fresh nonce, so a different value means its entries changed since), the
-    readdir offset it reached, and the XOR of the elements of the entries it
-    listed."""
+    at the end: the readdir offset it reached, and the XOR of the elements
+    of the entries it listed."""
 
-    sealed: bytes | None
     offset: int
     digest: int
 
@@ -264,7 +261,8 @@ class Operations(pyfuse3.Operations):
         # the last entry is answered without a query.
         self._listing_ends: dict[int, int] = {}
         # The listings under way, by directory: one that reads every entry
-        # while the directory does not change checks its entry set digest.
+        # while the directory does not change checks its entry set digest
+        # (a change drops the directory's listing).
         self._listings: dict[int, Listing] = {}
         # The parent of each cached directory, as its listing or lookup found
         # it: a walk then answers '..' without a query. Renames and removals
@@ -604,6 +602,7 @@ class Operations(pyfuse3.Operations):
         directory.mtime_ns = directory.ctime_ns = now
         self._save(directory)
         self._listing_ends.pop(directory.id, None)
+        self._listings.pop(directory.id, None)
 
     # -- lookups ---------------------------------------------------------------
 
@@ -1288,7 +1287,7 @@ class Operations(pyfuse3.Operations):
         after = max(0, start_id - 2)
         listing = self._listings.pop(directory.id, None)
         if after == 0:
-            listing = Listing(directory.entries, 2, 0)
+            listing = Listing(2, 0)
         elif listing is not None and listing.offset != start_id:
             listing = None  # a seek: this listing cannot check the digest
         digest = 0 if listing is None else listing.digest
@@ -1300,7 +1299,7 @@ class Operations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, self._attrs(inode), entry.id + 2):
                     self._release_cache(inode.id)
                     if listing is not None:
-                        self._listings[directory.id] = Listing(listing.sealed, after + 2, digest)
+                        self._listings[directory.id] = Listing(after + 2, digest)
                     return
                 self._lookups[inode.id] = self._lookups.get(inode.id, 0) + 1
                 if listing is not None:
@@ -1308,7 +1307,7 @@ class Operations(pyfuse3.Operations):
                 after = entry.id
             if len(entries) < _READDIR_BATCH:
                 self._listing_ends[directory.id] = after + 2
-                if listing is not None and listing.sealed == directory.entries:
+                if listing is not None:
                     self._check_entries(directory, digest)
                 return
 
@@ -1316,7 +1315,7 @@ class Operations(pyfuse3.Operations):
         """The digest of every entry of `directory` against the one its row
         records: an entry row deleted, added or put back behind envfs's back
         makes them differ."""
-        if listed != self.md.entries_digest(directory):
+        if listed != directory.entries:
             raise IntegrityError(
                 f"directory {directory.id}: its entries do not match its entry set digest "
                 "(an entry was removed or added outside envfs)"

@@ -287,11 +287,7 @@ class _Fsck:
             digest = 0
             for entry in self.children.get(inode_id, ()):
                 digest ^= self.metadata.entry_element(entry)
-            try:
-                matches = digest == self.metadata.entries_digest(inode)
-            except IntegrityError:
-                matches = False
-            if not matches:
+            if digest != inode.entries:
                 self.damage("entryset", f"{self.where(inode_id)}: its entries do not match its entry set digest "
                             "(an entry was removed or added outside envfs)")  # fmt: skip
         for inode_id, entries in self.entries_of.items():

@@ -262,7 +262,7 @@ def test_derivation_vectors_through_the_hsm(envfs: Envfs, tmp_path: Path, monkey
             assert ring.name_cipher().encrypt_name(1, b"hello.txt").hex() == NAME_CT
             metadata = Metadata(tmp_path / "vectors.db", ring.metadata_mac(), create=True)
             try:
-                assert metadata.inode_mac(Inode(**INODE_ROW)).hex() == INODE_MAC
+                assert metadata.inode_mac(Inode(**INODE_ROW), None).hex() == INODE_MAC
                 assert metadata.dentry_mac(1, 2, bytes.fromhex(NAME_CT)).hex() == DENTRY_MAC
             finally:
                 metadata.close()
@@ -379,12 +379,18 @@ def test_metadata_mac_vectors(tmp_path: Path) -> None:
 
     metadata = Metadata(tmp_path / "m.db", crypto_hmac.HMAC(mac_key, hashes.SHA256()), create=True)
     try:
-        assert metadata.inode_mac(Inode(**INODE_ROW)).hex() == INODE_MAC
+        assert metadata.inode_mac(Inode(**INODE_ROW), None).hex() == INODE_MAC
         assert metadata.dentry_mac(1, 2, bytes.fromhex(NAME_CT)).hex() == DENTRY_MAC
         assert metadata.entry_element(Dentry(7, 1, bytes.fromhex(NAME_CT), 2)) == int(ENTRY_ELEMENT, 16)
-        directory = Inode(**DIR_ROW, entries=bytes.fromhex(SEALED_DIGEST))
-        assert metadata.inode_mac(directory).hex() == DIR_MAC
-        assert metadata.entries_digest(directory) == int(ENTRY_ELEMENT, 16)
+        directory = Inode(**DIR_ROW)
+        assert metadata.inode_mac(directory, bytes.fromhex(SEALED_DIGEST)).hex() == DIR_MAC
+        columns = ", ".join(DIR_ROW)
+        metadata.db.execute(
+            f"INSERT INTO inodes ({columns}, entries, mac) VALUES ({', '.join('?' * len(DIR_ROW))}, ?, ?)",
+            (*DIR_ROW.values(), bytes.fromhex(SEALED_DIGEST), bytes.fromhex(DIR_MAC)),
+        )
+        read_back = metadata.get_inode(1)
+        assert read_back is not None and read_back.entries == int(ENTRY_ELEMENT, 16)
         assert metadata.get_setting("schema_version") == 2
     finally:
         metadata.close()
