@@ -1378,7 +1378,7 @@ class Operations(pyfuse3.Operations):
         if self._xattr_inodes is not None:
             self._xattr_inodes.add(inode.id)
         with self._transaction():
-            self.md.set_xattr(inode.id, name_ct, self.names.encrypt_xattr_value(inode.id, name_ct, value))
+            self.md.set_xattr(inode, name_ct, self.names.encrypt_xattr_value(inode.id, name_ct, value))
             inode.ctime_ns = _now()
             self._save(inode)
 
@@ -1389,9 +1389,10 @@ class Operations(pyfuse3.Operations):
         if self._surely_without_xattrs(inode.id):
             raise FUSEError(pyfuse3.ENOATTR)
         name_ct = self.names.encrypt_xattr_name(inode.id, name)
-        value = self.md.get_xattr(inode.id, name_ct)
+        xattrs = self.md.xattrs_of(inode)
+        value = xattrs.get(name_ct)
         if value is None:
-            if not self.md.has_xattrs(inode.id):
+            if not xattrs:
                 self._without_xattrs.add(inode.id)
             raise FUSEError(pyfuse3.ENOATTR)
         return self.names.decrypt_xattr_value(inode.id, name_ct, value)
@@ -1405,7 +1406,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def listxattr(self, inode_id: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         inode = self._inode(inode_id)
-        names = [self.names.decrypt_xattr_name(inode.id, n) for n in self.md.xattr_names(inode.id)]
+        names = [self.names.decrypt_xattr_name(inode.id, n) for n in self.md.xattrs_of(inode)]
         if ctx.uid != 0:  # as the kernel does for local filesystems: trusted.* is for CAP_SYS_ADMIN
             names = [name for name in names if not name.startswith(b"trusted.")]
         return names
@@ -1414,7 +1415,7 @@ class Operations(pyfuse3.Operations):
     async def removexattr(self, inode_id: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         inode = self._xattr_inode(inode_id, name)
         with self._transaction():
-            if not self.md.remove_xattr(inode.id, self.names.encrypt_xattr_name(inode.id, name)):
+            if not self.md.remove_xattr(inode, self.names.encrypt_xattr_name(inode.id, name)):
                 raise FUSEError(pyfuse3.ENOATTR)
             inode.ctime_ns = _now()
             self._save(inode)

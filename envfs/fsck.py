@@ -17,7 +17,8 @@ the tree allows working it out) and what is wrong:
     unreachable: an inode with links that the tree from the root does not reach
     cycle:       directories that name each other, cut off from the root
     symlink:     a missing, undecryptable or misplaced target, or a wrong size
-    xattr:       an extended attribute that fails to decrypt or has no inode
+    xattr:       an extended attribute that fails to decrypt or has no inode, or
+                 an inode whose xattrs do not match their set digest
     keyversion:  a file under a key version the superblock does not list
     counter:     a block write count above the nonce bound (FORMAT.md 6)
     missing:     a regular file's data file, or the root's row, does not exist
@@ -380,8 +381,11 @@ class _Fsck:
                 self.damage("symlink", f"{self.where(inode_id)}: a symlink without a target")
 
     def check_xattrs(self) -> None:
+        digests: dict[int, int] = defaultdict(int)
+        failing: set[int] = set()  # inodes with a row that has a line of its own
         for inode_id, name_ct, value_ct in self.metadata.scan_xattrs():
             self.summary.xattrs += 1
+            digests[inode_id] ^= self.metadata.xattr_element(inode_id, name_ct, value_ct)
             if inode_id not in self.inodes and inode_id not in self.bad_inodes:
                 self.damage("xattr", f"inode {inode_id}: an extended attribute of an inode that does not exist")
                 continue
@@ -389,12 +393,18 @@ class _Fsck:
                 name = _show(self.names.decrypt_xattr_name(inode_id, name_ct))
             except IntegrityError:
                 self.damage("xattr", f"{self.where(inode_id)}: an extended attribute's name fails authentication")
+                failing.add(inode_id)
                 continue
             try:
                 zero_bytes(self.names.decrypt_xattr_value(inode_id, name_ct, value_ct))
             except IntegrityError:
                 self.damage("xattr", f"{self.where(inode_id)}: the value of extended attribute {name} fails "
                             "authentication")  # fmt: skip
+                failing.add(inode_id)
+        for inode_id, inode in self.inodes.items():
+            if inode_id not in failing and digests.get(inode_id, 0) != inode.xattrs:
+                self.damage("xattr", f"{self.where(inode_id)}: its extended attributes do not match their set "
+                            "digest (one was removed, added or put back outside envfs)")  # fmt: skip
 
     # -- data ------------------------------------------------------------------
 

@@ -77,8 +77,10 @@ def create_schema(db: sqlite3.Connection) -> None:
         -- mac: HMAC-SHA256 over all the other columns (FORMAT.md, "inode MAC").
         -- entries: a directory's entry set digest, sealed (48 bytes; FORMAT.md,
         --   "entry set digest"); NULL for an empty directory and for
-        --   everything that is not a directory. Last, as schema version 1's
-        --   upgrade adds it.
+        --   everything that is not a directory.
+        -- xattrs: the digest of the inode's xattr rows, sealed likewise
+        --   (FORMAT.md, "xattr set digest"); NULL where it has none.
+        -- entries and xattrs come last, as schema version 1's upgrade adds them.
         CREATE TABLE inodes (
             id           INTEGER PRIMARY KEY AUTOINCREMENT,
             mode         INTEGER NOT NULL,
@@ -94,7 +96,8 @@ def create_schema(db: sqlite3.Connection) -> None:
             key_epoch    INTEGER NOT NULL,
             block_writes INTEGER NOT NULL,
             mac          BLOB NOT NULL,
-            entries      BLOB
+            entries      BLOB,
+            xattrs       BLOB
         );
 
         -- One row per name in a directory.
@@ -157,10 +160,11 @@ class Inode:
     key_version: int
     key_epoch: int
     block_writes: int
-    # A directory's entry set digest (`Metadata.add_entry` keeps it), in the
-    # clear: sealed when the row is written, opened when it is read. 0 for an
-    # empty directory and for what is not a directory.
+    # A directory's entry set digest (`Metadata.add_entry` keeps it), and the
+    # digest of the inode's xattrs (`Metadata.set_xattr`), in the clear: sealed
+    # when the row is written, opened when it is read. 0 for none.
     entries: int = 0
+    xattrs: int = 0
 
 
 _INODE_COLUMNS = [f.name for f in fields(Inode)]
@@ -171,6 +175,9 @@ _INODE_MAC_PREFIX_V1 = b"envfs inode v1\x00"
 _DENTRY_MAC_PREFIX = b"envfs dentry v1\x00"
 _ELEMENT_PREFIX = b"envfs entry element v1\x00"
 _SEAL_PREFIX = b"envfs entry set seal v1\x00"
+_XATTR_ELEMENT_PREFIX = b"envfs xattr element v1\x00"
+_XATTR_SEAL_PREFIX = b"envfs xattr set seal v1\x00"
+_XATTR_NAME_LENGTH = struct.Struct(">QI")
 _SEAL_NONCE_SIZE = 16
 SEALED_DIGEST_SIZE = _SEAL_NONCE_SIZE + MAC_SIZE
 # An inode's column values in _INODE_COLUMNS order, as one tuple.
@@ -194,7 +201,7 @@ _ENTRIES_AFTER = (
 # An inode row's columns in a query that joins `inodes i`.
 _INODE_FIELDS = ", ".join(f"i.{c}" for c in _INODE_COLUMNS) + ", i.mac"
 _GET_INODE = f"SELECT {_INODE_FIELDS} FROM inodes i WHERE i.id=?"
-_SET_ENTRIES = "UPDATE inodes SET entries=?, mac=? WHERE id=?"
+_SET_DIGESTS = "UPDATE inodes SET entries=?, xattrs=?, mac=? WHERE id=?"
 _SAVE_INODE = f"UPDATE inodes SET {', '.join(f'{c}=?' for c in _INODE_COLUMNS[1:])}, mac=? WHERE id=?"
 # A directory entry with its inode row (None columns if the row is missing).
 _ENTRY_AND_INODE = (
@@ -291,10 +298,12 @@ class Metadata:
 
     def upgrade(self) -> None:
         """Bring a schema version 1 database to version 2, in one transaction:
-        every directory gets the digest of its entries, and every inode row
-        the MAC that covers it, under this object's key (the key the rows are
-        under). A row or entry that fails its version 1 MAC stays as it is,
-        failing, and is left out of its directory's digest; fsck reports it."""
+        every directory gets the digest of its entries, every inode the
+        digest of its xattr rows, and every inode row the MAC that covers
+        them, under this object's key (the key the rows are under). A row or
+        entry that fails its version 1 MAC stays as it is, failing, and is
+        left out of its directory's digest; fsck reports it. xattr rows are
+        taken as they are: they authenticate when they are decrypted."""
         if self.schema_version == SCHEMA_VERSION:
             return
         if self._read_only:
@@ -303,18 +312,23 @@ class Metadata:
                 "writable; mount it once where it is"
             )
         digests: dict[int, int] = {}
+        xattr_digests: dict[int, int] = {}
         with self.transaction():
             self.db.execute("ALTER TABLE inodes ADD COLUMN entries BLOB")
+            self.db.execute("ALTER TABLE inodes ADD COLUMN xattrs BLOB")
             for entry, valid in self.scan_entries():
                 if valid:
                     digests[entry.parent] = digests.get(entry.parent, 0) ^ self.entry_element(entry)
+            for inode_id, name, value in self.scan_xattrs():
+                element = self.xattr_element(inode_id, name, value)
+                xattr_digests[inode_id] = xattr_digests.get(inode_id, 0) ^ element
             for row in self._batches(f"SELECT {_INODE_FIELDS} FROM inodes i WHERE i.id>? ORDER BY i.id LIMIT ?"):
-                inode = Inode(*row[:-2])
+                inode = Inode(*row[:-3])
                 if not _mac_matches(lambda inode=inode: self._macs.inode_v1(inode), row[-1]):
                     log.warning("metadata upgrade: inode %d fails its MAC; left as it is", inode.id)
                     continue
-                sealed = self._macs.seal(inode.id, digests.get(inode.id, 0))
-                self.db.execute(_SET_ENTRIES, (sealed, self.inode_mac(inode, sealed), inode.id))
+                inode.entries, inode.xattrs = digests.get(inode.id, 0), xattr_digests.get(inode.id, 0)
+                self.db.execute(_SET_DIGESTS, (*self._sealed_row(inode)[-3:], inode.id))
             self.db.execute("UPDATE settings SET value=? WHERE name='schema_version'", (SCHEMA_VERSION,))
         self.schema_version = SCHEMA_VERSION
         log.info("metadata: upgraded from schema version 1 to %d (entry set digests)", SCHEMA_VERSION)
@@ -448,9 +462,9 @@ class Metadata:
 
     # -- MACs --------------------------------------------------------------
 
-    def inode_mac(self, inode: Inode, sealed: bytes | None) -> bytes:
-        """The MAC of an inode's row whose `entries` column holds `sealed`."""
-        return self._macs.inode(inode, sealed)
+    def inode_mac(self, inode: Inode, entries: bytes | None, xattrs: bytes | None) -> bytes:
+        """The MAC of an inode's row whose `entries` and `xattrs` columns hold these sealed digests."""
+        return self._macs.inode(inode, entries, xattrs)
 
     def dentry_mac(self, parent: int, inode: int, name: bytes) -> bytes:
         return self._macs.dentry(parent, inode, name)
@@ -463,17 +477,18 @@ class Metadata:
 
     def _inode(self, row: tuple[Any, ...]) -> Inode:
         """An inode from its row's columns (`_INODE_FIELDS`), authenticated."""
-        sealed = row[-2]
-        inode = Inode(*row[:-2])
-        if not _mac_matches(lambda: self.inode_mac(inode, sealed), row[-1]):
+        entries, xattrs = row[-3], row[-2]
+        inode = Inode(*row[:-3])
+        if not _mac_matches(lambda: self.inode_mac(inode, entries, xattrs), row[-1]):
             raise IntegrityError(f"inode {inode.id}: metadata MAC mismatch")
-        inode.entries = self._macs.unseal(inode.id, sealed)
+        inode.entries = self._macs.entries_seal.open(inode.id, entries)
+        inode.xattrs = self._macs.xattrs_seal.open(inode.id, xattrs)
         return inode
 
     def _sealed_row(self, inode: Inode) -> tuple[Any, ...]:
-        """What an inode's row stores after its id: its columns, the sealed digest, the MAC."""
-        sealed = self._macs.seal(inode.id, inode.entries)
-        return (*inode_values(inode)[1:-1], sealed, self.inode_mac(inode, sealed))
+        """What an inode's row stores after its id: its columns, the sealed digests, the MAC."""
+        entries, xattrs = self._macs.sealed_digests(inode)
+        return (*inode_values(inode)[1:-2], entries, xattrs, self.inode_mac(inode, entries, xattrs))
 
     def allocate_inode_id(self) -> int:
         """A fresh inode id: above every id this database has ever held.
@@ -666,26 +681,52 @@ class Metadata:
         row = self.db.execute("SELECT target FROM symlinks WHERE inode=?", (inode,)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def get_xattr(self, inode: int, name: bytes) -> bytes | None:
+    def _xattr_value(self, inode: int, name: bytes) -> bytes | None:
         row = self.db.execute("SELECT value FROM xattrs WHERE inode=? AND name=?", (inode, name)).fetchone()
         return None if row is None else bytes(row[0])
 
-    def set_xattr(self, inode: int, name: bytes, value: bytes) -> None:
-        self._change("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?, ?, ?)", (inode, name, value))
+    def set_xattr(self, inode: Inode, name: bytes, value: bytes) -> None:
+        """Set an xattr (ciphertexts); its row joins the inode's xattr set digest,
+        which the caller saves with the rest of `inode`."""
+        old = self._xattr_value(inode.id, name)
+        self._change("INSERT OR REPLACE INTO xattrs (inode, name, value) VALUES (?, ?, ?)", (inode.id, name, value))
+        if old is not None:
+            inode.xattrs ^= self._macs.xattr_element(inode.id, name, old)
+        inode.xattrs ^= self._macs.xattr_element(inode.id, name, value)
 
-    def remove_xattr(self, inode: int, name: bytes) -> bool:
-        return self._change("DELETE FROM xattrs WHERE inode=? AND name=?", (inode, name)).rowcount > 0
+    def remove_xattr(self, inode: Inode, name: bytes) -> bool:
+        """Remove an xattr; False if the inode has none of that name."""
+        old = self._xattr_value(inode.id, name)
+        if old is None:
+            return False
+        self._change("DELETE FROM xattrs WHERE inode=? AND name=?", (inode.id, name))
+        inode.xattrs ^= self._macs.xattr_element(inode.id, name, old)
+        return True
+
+    def xattrs_of(self, inode: Inode) -> dict[bytes, bytes]:
+        """Every xattr of an inode, {name: value} (ciphertexts), checked against
+        its xattr set digest: a row deleted, added or put back outside envfs is
+        an integrity error. One query, as a single row's would be."""
+        rows = self.db.execute("SELECT name, value FROM xattrs WHERE inode=?", (inode.id,)).fetchall()
+        found = {bytes(name): bytes(value) for name, value in rows}
+        digest = 0
+        for name, value in found.items():
+            digest ^= self._macs.xattr_element(inode.id, name, value)
+        if digest != inode.xattrs:
+            raise IntegrityError(
+                f"inode {inode.id}: its xattrs do not match their set digest (one was removed, added or put back "
+                "outside envfs)"
+            )
+        return found
+
+    def xattr_element(self, inode: int, name: bytes, value: bytes) -> int:
+        """An xattr row's part of its inode's xattr set digest (XOR of them all)."""
+        return self._macs.xattr_element(inode, name, value)
 
     def inodes_with_xattrs(self, limit: int) -> set[int] | None:
         """The ids of the inodes that have xattrs; None if there are more than `limit`."""
         rows = self.db.execute("SELECT DISTINCT inode FROM xattrs LIMIT ?", (limit + 1,)).fetchall()
         return None if len(rows) > limit else {row[0] for row in rows}
-
-    def has_xattrs(self, inode: int) -> bool:
-        return self.db.execute("SELECT 1 FROM xattrs WHERE inode=? LIMIT 1", (inode,)).fetchone() is not None
-
-    def xattr_names(self, inode: int) -> list[bytes]:
-        return [bytes(row[0]) for row in self.db.execute("SELECT name FROM xattrs WHERE inode=?", (inode,))]
 
     # -- whole-store passes (fsck, rotate) -----------------------------------
 
@@ -772,6 +813,8 @@ class Metadata:
         # stored one, and under the new key, with the new names, to store.
         old_digests: dict[int, int] = {}
         new_digests: dict[int, int] = {}
+        old_xattrs: dict[int, int] = {}
+        new_xattrs: dict[int, int] = {}
         with self.transaction():
             for entry, valid in self.scan_entries():
                 if not valid:
@@ -784,19 +827,23 @@ class Metadata:
                 old_digests[entry.parent] = old_digests.get(entry.parent, 0) ^ self.entry_element(entry)
                 element = new.element(entry.parent, entry.inode, name_ct)
                 new_digests[entry.parent] = new_digests.get(entry.parent, 0) ^ element
+            for rowid, inode_id, name_ct, value_ct in self._batches(_XATTRS_AFTER):
+                old_xattrs[inode_id] = old_xattrs.get(inode_id, 0) ^ self.xattr_element(inode_id, name_ct, value_ct)
+                new_name, new_value = xattr(inode_id, name_ct, value_ct)
+                self.db.execute("UPDATE xattrs SET name=?, value=? WHERE rowid=?", (new_name, new_value, rowid))
+                new_xattrs[inode_id] = new_xattrs.get(inode_id, 0) ^ new.xattr_element(inode_id, new_name, new_value)
             for inode_id, inode in self.scan_inodes():
                 if inode is None:
                     raise IntegrityError(f"inode {inode_id}: metadata MAC mismatch")
                 if inode.entries != old_digests.get(inode.id, 0):
                     raise IntegrityError(f"directory {inode.id}: its entries do not match its entry set digest")
-                sealed = new.seal(inode.id, new_digests.get(inode.id, 0))
-                self.db.execute(_SET_ENTRIES, (sealed, new.inode(inode, sealed), inode.id))
+                if inode.xattrs != old_xattrs.get(inode.id, 0):
+                    raise IntegrityError(f"inode {inode.id}: its xattrs do not match their set digest")
+                inode.entries, inode.xattrs = new_digests.get(inode.id, 0), new_xattrs.get(inode.id, 0)
+                entries, xattrs = new.sealed_digests(inode)
+                self.db.execute(_SET_DIGESTS, (entries, xattrs, new.inode(inode, entries, xattrs), inode.id))
             for inode_id, target_ct in self.scan_symlinks():
                 self.db.execute("UPDATE symlinks SET target=? WHERE inode=?", (target(inode_id, target_ct), inode_id))
-            for rowid, inode_id, name_ct, value_ct in self._batches(_XATTRS_AFTER):
-                self.db.execute(
-                    "UPDATE xattrs SET name=?, value=? WHERE rowid=?", (*xattr(inode_id, name_ct, value_ct), rowid)
-                )
             self.db.execute(
                 "INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)", (_ROWS_KEY_VERSION, key_version)
             )
@@ -806,32 +853,32 @@ class Metadata:
 class _RowMacs:
     """HMAC contexts of one metadata MAC key with each row kind's fixed prefix
     already hashed in: a row's MAC then costs one copy, one update and the finish.
-    The same key gives the secret elements of directories' entry set digests
+    The same key gives the secret elements of the entry and xattr set digests
     and the pads that seal them (FORMAT.md, "entry set digest")."""
 
     def __init__(self, mac: hmac.HMAC) -> None:
-        self._inode = mac.copy()
-        self._inode.update(_INODE_MAC_PREFIX)
-        self._inode_v1 = mac.copy()
-        self._inode_v1.update(_INODE_MAC_PREFIX_V1)
-        self._dentry = mac.copy()
-        self._dentry.update(_DENTRY_MAC_PREFIX)
-        self._element = mac.copy()
-        self._element.update(_ELEMENT_PREFIX)
-        self._seal = mac.copy()
-        self._seal.update(_SEAL_PREFIX)
+        self._inode = _prefixed(mac, _INODE_MAC_PREFIX)
+        self._inode_v1 = _prefixed(mac, _INODE_MAC_PREFIX_V1)
+        self._dentry = _prefixed(mac, _DENTRY_MAC_PREFIX)
+        self._element = _prefixed(mac, _ELEMENT_PREFIX)
+        self._xattr_element = _prefixed(mac, _XATTR_ELEMENT_PREFIX)
+        self.entries_seal = _Seal(_prefixed(mac, _SEAL_PREFIX))
+        self.xattrs_seal = _Seal(_prefixed(mac, _XATTR_SEAL_PREFIX))
 
-    def inode(self, inode: Inode, sealed: bytes | None) -> bytes:
-        """The MAC of an inode's row; `sealed`: its `entries` column."""
+    def inode(self, inode: Inode, entries: bytes | None, xattrs: bytes | None) -> bytes:
+        """The MAC of an inode's row; `entries`, `xattrs`: its sealed digest columns."""
         h = self._inode.copy()
-        h.update(_INODE_PACK.pack(*inode_values(inode)[:-1]) + (sealed or b""))
+        h.update(_INODE_PACK.pack(*inode_values(inode)[:-2]) + _optional(entries) + _optional(xattrs))
         return h.finalize()
 
     def inode_v1(self, inode: Inode) -> bytes:
-        """The MAC of schema version 1 (no entry set digest), for the upgrade."""
+        """The MAC of schema version 1 (no digests), for the upgrade."""
         h = self._inode_v1.copy()
-        h.update(_INODE_PACK.pack(*inode_values(inode)[:-1]))
+        h.update(_INODE_PACK.pack(*inode_values(inode)[:-2]))
         return h.finalize()
+
+    def sealed_digests(self, inode: Inode) -> tuple[bytes | None, bytes | None]:
+        return self.entries_seal.seal(inode.id, inode.entries), self.xattrs_seal.seal(inode.id, inode.xattrs)
 
     def dentry(self, parent: int, inode: int, name: bytes) -> bytes:
         h = self._dentry.copy()
@@ -844,24 +891,48 @@ class _RowMacs:
         h.update(_DENTRY_PREFIX.pack(parent, inode) + name)
         return int.from_bytes(h.finalize())
 
-    def _pad(self, directory: int, nonce: bytes) -> int:
-        h = self._seal.copy()
-        h.update(struct.pack(">Q", directory) + nonce)
+    def xattr_element(self, inode: int, name: bytes, value: bytes) -> int:
+        """An xattr row's element of its inode's xattr digest (never stored)."""
+        h = self._xattr_element.copy()
+        h.update(_XATTR_NAME_LENGTH.pack(inode, len(name)) + name + value)
         return int.from_bytes(h.finalize())
 
-    def seal(self, directory: int, digest: int) -> bytes | None:
-        """A digest as stored: None for the empty set, else a fresh nonce and the digest under its pad."""
+
+class _Seal:
+    """Seals a digest for storage: a fresh nonce, and the digest XOR the pad
+    HMAC(key, label || owner id || nonce); None for the digest 0."""
+
+    def __init__(self, labelled: hmac.HMAC) -> None:
+        self._labelled = labelled
+
+    def _pad(self, owner: int, nonce: bytes) -> int:
+        h = self._labelled.copy()
+        h.update(struct.pack(">Q", owner) + nonce)
+        return int.from_bytes(h.finalize())
+
+    def seal(self, owner: int, digest: int) -> bytes | None:
         if not digest:
             return None
         nonce = os.urandom(_SEAL_NONCE_SIZE)
-        return nonce + (digest ^ self._pad(directory, nonce)).to_bytes(MAC_SIZE)
+        return nonce + (digest ^ self._pad(owner, nonce)).to_bytes(MAC_SIZE)
 
-    def unseal(self, directory: int, sealed: bytes | None) -> int:
+    def open(self, owner: int, sealed: bytes | None) -> int:
         if sealed is None:
             return 0
         if len(sealed) != SEALED_DIGEST_SIZE:
-            raise IntegrityError(f"directory {directory}: entry set digest of {len(sealed)} bytes")
-        return int.from_bytes(sealed[_SEAL_NONCE_SIZE:]) ^ self._pad(directory, sealed[:_SEAL_NONCE_SIZE])
+            raise IntegrityError(f"inode {owner}: sealed digest of {len(sealed)} bytes")
+        return int.from_bytes(sealed[_SEAL_NONCE_SIZE:]) ^ self._pad(owner, sealed[:_SEAL_NONCE_SIZE])
+
+
+def _prefixed(mac: hmac.HMAC, prefix: bytes) -> hmac.HMAC:
+    h = mac.copy()
+    h.update(prefix)
+    return h
+
+
+def _optional(sealed: bytes | None) -> bytes:
+    """A sealed digest column in a MAC input: a length byte (0 for NULL), then its bytes."""
+    return b"\x00" if sealed is None else bytes((len(sealed),)) + sealed
 
 
 def _mac_matches(expected: Callable[[], bytes], stored: object) -> bool:

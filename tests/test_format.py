@@ -99,7 +99,7 @@ INODE_PACKED = (
     "0000000000000002000081a4000003e8000003e8000000000000000100000000000000000000000000003039"
     "17979cfe3d85cd1517979cfe71c4ca0017979cfead5f940000000001000000000000000000000004"
 )
-INODE_MAC = "3297e1b20525187aa79b6ecb37126968c981d3ce66e2655c2ec40cf069dfda17"
+INODE_MAC = "147b7baac1b917b8e8deeb5cd92ee0822701db954174abe4422843644665636f"
 DENTRY_MAC = "d08d20bed3a7b711ec31d12970f11fce79a59e3d6e54370927b358a067aab96c"  # parent 1, inode 2, NAME_CT
 # The root directory holding that one entry: the entry's element, the pad of
 # the documented nonce, the sealed digest and the directory's inode MAC.
@@ -112,7 +112,13 @@ DIR_ROW = dict(
     atime_ns=1700000000123456789, mtime_ns=1700000001000000000, ctime_ns=1700000002000000000,
     key_version=1, key_epoch=0, block_writes=0,
 )  # fmt: skip
-DIR_MAC = "aa3e410c8da77bb411979bb3571a256b5b7ffafe79fe10b7a5d3e32ea311216f"
+DIR_MAC = "7ecdbd26e5155b273bde3f7af1b7c0fb01762194be294cee7432ec0fba141291"
+# The file of INODE_ROW with the one xattr above (user.comment = "hi there"): its
+# element, the pad of the same nonce, the sealed xattr digest and the row's MAC.
+XATTR_ELEMENT = "fbc7bd229d80bd332588be1c37251f06f4a33c1566bb83d9e1b43df66e297fbe"
+XATTR_PAD = "2a2f4b7d89e31b7f667fdb19d8286966043c7823edd0daf8795472420eee1e73"
+XATTR_SEALED = "000102030405060708090a0b0c0d0e0fd1e8f65f1463a64c43f76505ef0d7660f09f44368b6b592198e04fb460c761cd"
+INODE_MAC_WITH_XATTR = "2a49c67dd39066738182d84f0f894d9389350be8b9077722a975b67dcb85f222"
 SUPERBLOCK_CANONICAL = (
     '{"block_size":4096,"current_key_version":1,"format":"envfs","format_version":1,'
     '"hsm":{"token":"envfs","type":"embedded"},'
@@ -262,7 +268,7 @@ def test_derivation_vectors_through_the_hsm(envfs: Envfs, tmp_path: Path, monkey
             assert ring.name_cipher().encrypt_name(1, b"hello.txt").hex() == NAME_CT
             metadata = Metadata(tmp_path / "vectors.db", ring.metadata_mac(), create=True)
             try:
-                assert metadata.inode_mac(Inode(**INODE_ROW), None).hex() == INODE_MAC
+                assert metadata.inode_mac(Inode(**INODE_ROW), None, None).hex() == INODE_MAC
                 assert metadata.dentry_mac(1, 2, bytes.fromhex(NAME_CT)).hex() == DENTRY_MAC
             finally:
                 metadata.close()
@@ -363,7 +369,8 @@ def test_metadata_mac_vectors(tmp_path: Path) -> None:
     mac_key = bytes.fromhex(OKM["metadata mac"])
     row = struct.pack(">QIIIQQqqqqIIQ", *INODE_ROW.values())
     assert len(row) == 84 and row.hex() == INODE_PACKED
-    assert hmac.new(mac_key, b"envfs inode v2\x00" + row, hashlib.sha256).hexdigest() == INODE_MAC
+    # The two sealed digest columns follow, each as a length byte (0: NULL) and its bytes.
+    assert hmac.new(mac_key, b"envfs inode v2\x00" + row + b"\x00\x00", hashlib.sha256).hexdigest() == INODE_MAC
     dentry = b"envfs dentry v1\x00" + struct.pack(">QQ", 1, 2) + bytes.fromhex(NAME_CT)
     assert hmac.new(mac_key, dentry, hashlib.sha256).hexdigest() == DENTRY_MAC
     # The entry set digest of a directory holding that one entry, sealed with a given nonce.
@@ -375,22 +382,41 @@ def test_metadata_mac_vectors(tmp_path: Path) -> None:
     sealed = SEAL_NONCE + masked.to_bytes(32)
     assert sealed.hex() == SEALED_DIGEST
     dir_row = struct.pack(">QIIIQQqqqqIIQ", *DIR_ROW.values())
-    assert hmac.new(mac_key, b"envfs inode v2\x00" + dir_row + sealed, hashlib.sha256).hexdigest() == DIR_MAC
+    dir_input = b"envfs inode v2\x00" + dir_row + b"\x30" + sealed + b"\x00"
+    assert hmac.new(mac_key, dir_input, hashlib.sha256).hexdigest() == DIR_MAC
+    # The xattr set digest of the file with one xattr.
+    xname, xvalue = bytes.fromhex(XATTR_NAME_CT), bytes.fromhex(XATTR_VALUE_CT)
+    element = b"envfs xattr element v1\x00" + struct.pack(">QI", 2, len(xname)) + xname + xvalue
+    assert hmac.new(mac_key, element, hashlib.sha256).hexdigest() == XATTR_ELEMENT
+    pad = b"envfs xattr set seal v1\x00" + struct.pack(">Q", 2) + SEAL_NONCE
+    assert hmac.new(mac_key, pad, hashlib.sha256).hexdigest() == XATTR_PAD
+    xsealed = SEAL_NONCE + (int(XATTR_ELEMENT, 16) ^ int(XATTR_PAD, 16)).to_bytes(32)
+    assert xsealed.hex() == XATTR_SEALED
+    file_input = b"envfs inode v2\x00" + row + b"\x00\x30" + xsealed
+    assert hmac.new(mac_key, file_input, hashlib.sha256).hexdigest() == INODE_MAC_WITH_XATTR
 
     metadata = Metadata(tmp_path / "m.db", crypto_hmac.HMAC(mac_key, hashes.SHA256()), create=True)
     try:
-        assert metadata.inode_mac(Inode(**INODE_ROW), None).hex() == INODE_MAC
+        assert metadata.inode_mac(Inode(**INODE_ROW), None, None).hex() == INODE_MAC
+        assert metadata.xattr_element(2, xname, xvalue) == int(XATTR_ELEMENT, 16)
+        assert metadata.inode_mac(Inode(**INODE_ROW), None, xsealed).hex() == INODE_MAC_WITH_XATTR
         assert metadata.dentry_mac(1, 2, bytes.fromhex(NAME_CT)).hex() == DENTRY_MAC
         assert metadata.entry_element(Dentry(7, 1, bytes.fromhex(NAME_CT), 2)) == int(ENTRY_ELEMENT, 16)
         directory = Inode(**DIR_ROW)
-        assert metadata.inode_mac(directory, bytes.fromhex(SEALED_DIGEST)).hex() == DIR_MAC
-        columns = ", ".join(DIR_ROW)
-        metadata.db.execute(
-            f"INSERT INTO inodes ({columns}, entries, mac) VALUES ({', '.join('?' * len(DIR_ROW))}, ?, ?)",
-            (*DIR_ROW.values(), bytes.fromhex(SEALED_DIGEST), bytes.fromhex(DIR_MAC)),
-        )
+        assert metadata.inode_mac(directory, bytes.fromhex(SEALED_DIGEST), None).hex() == DIR_MAC
+        columns, marks = ", ".join(DIR_ROW), ", ".join("?" * len(DIR_ROW))
+        for values, entries, xattrs, mac in [
+            (DIR_ROW, bytes.fromhex(SEALED_DIGEST), None, DIR_MAC),
+            (INODE_ROW, None, xsealed, INODE_MAC_WITH_XATTR),
+        ]:
+            metadata.db.execute(
+                f"INSERT INTO inodes ({columns}, entries, xattrs, mac) VALUES ({marks}, ?, ?, ?)",
+                (*values.values(), entries, xattrs, bytes.fromhex(mac)),
+            )
         read_back = metadata.get_inode(1)
-        assert read_back is not None and read_back.entries == int(ENTRY_ELEMENT, 16)
+        assert read_back is not None and read_back.entries == int(ENTRY_ELEMENT, 16) and read_back.xattrs == 0
+        read_back = metadata.get_inode(2)
+        assert read_back is not None and read_back.entries == 0 and read_back.xattrs == int(XATTR_ELEMENT, 16)
         assert metadata.get_setting("schema_version") == 2
     finally:
         metadata.close()
@@ -435,7 +461,9 @@ class IndependentReader:
         assert (rows_version or (1,))[0] == self.version, "a rotation stopped half-way"
         name_key = b"".join(self.derive(b"envfs name key v1", self.version, bytes([h])) for h in (1, 2))
         self.siv = AESSIV(name_key)
-        self.digests: dict[int, int] = {}  # sealed entry set digests, opened by `inodes`
+        # The sealed entry and xattr set digests, opened by `inodes`.
+        self.digests: dict[int, int] = {}
+        self.xattr_digests: dict[int, int] = {}
 
     def derive(self, label: bytes, version: int, fields: bytes = b"") -> bytes:
         info = label + b"\x00" + self.uuid + struct.pack(">I", version) + fields
@@ -447,17 +475,23 @@ class IndependentReader:
     def inodes(self) -> dict[int, tuple[int, ...]]:
         rows = {}
         self.digests.clear()
+        self.xattr_digests.clear()
         for row in self.db.execute(
             "SELECT id, mode, uid, gid, nlink, rdev, size, atime_ns, mtime_ns, ctime_ns, key_version, key_epoch,"
-            " block_writes, mac, entries FROM inodes"
+            " block_writes, mac, entries, xattrs FROM inodes"
         ):
-            packed = struct.pack(">QIIIQQqqqqIIQ", *row[:13]) + (row[14] or b"")
+            packed = struct.pack(">QIIIQQqqqqIIQ", *row[:13])
+            for sealed in row[14:16]:
+                packed += b"\x00" if sealed is None else bytes((len(sealed),)) + sealed
             assert hmac.compare_digest(self.mac(b"envfs inode v2\x00", packed), row[13]), f"inode {row[0]}"
             rows[row[0]] = row[:13]
-            if row[14] is not None:
-                nonce, masked = row[14][:16], row[14][16:]
-                pad = self.mac(b"envfs entry set seal v1\x00", struct.pack(">Q", row[0]), nonce)
-                self.digests[row[0]] = int.from_bytes(masked) ^ int.from_bytes(pad)
+            for sealed, label, digests in [
+                (row[14], b"envfs entry set seal v1\x00", self.digests),
+                (row[15], b"envfs xattr set seal v1\x00", self.xattr_digests),
+            ]:
+                if sealed is not None:
+                    pad = self.mac(label, struct.pack(">Q", row[0]), sealed[:16])
+                    digests[row[0]] = int.from_bytes(sealed[16:]) ^ int.from_bytes(pad)
         return rows
 
     def entries(self) -> dict[int, list[tuple[bytes, int]]]:
@@ -479,10 +513,14 @@ class IndependentReader:
         return self.siv.decrypt(ct, [b"envfs symlink\x00" + struct.pack(">Q", inode)])
 
     def xattrs(self, inode: int) -> dict[bytes, bytes]:
-        found = {}
+        """An inode's xattrs, checked against its xattr set digest (`inodes` first)."""
+        found, digest = {}, 0
         for name_ct, value_ct in self.db.execute("SELECT name, value FROM xattrs WHERE inode=?", (inode,)):
             name = self.siv.decrypt(name_ct, [b"envfs xattr name\x00" + struct.pack(">Q", inode)])
             found[name] = self.siv.decrypt(value_ct, [b"envfs xattr value\x00" + struct.pack(">Q", inode) + name_ct])
+            length = struct.pack(">QI", inode, len(name_ct))
+            digest ^= int.from_bytes(self.mac(b"envfs xattr element v1\x00", length, name_ct, value_ct))
+        assert digest == self.xattr_digests.get(inode, 0), f"inode {inode}: xattrs do not match their digest"
         return found
 
     def content(self, row: tuple[int, ...]) -> tuple[bytes, int]:
@@ -637,6 +675,7 @@ def _downgrade_to_schema_1(store_dir: Path, master_key: bytes) -> None:
             packed = struct.pack(">QIIIQQqqqqIIQ", *row[:13])
             db.execute("UPDATE inodes SET mac=? WHERE id=?", (reader.mac(b"envfs inode v1\x00", packed), row[0]))
         db.execute("ALTER TABLE inodes DROP COLUMN entries")
+        db.execute("ALTER TABLE inodes DROP COLUMN xattrs")
         db.execute("UPDATE settings SET value=1 WHERE name='schema_version'")
     reader.db.close()
 
@@ -654,6 +693,8 @@ def test_schema_1_store_is_upgraded(envfs: Envfs, tmp_path: Path) -> None:
     for i in range(40):
         (envfs.mnt / "sub" / f"f{i}").write_bytes(b"%d" % i)
     (envfs.mnt / "sub" / "deeper" / "x").write_bytes(b"x")
+    os.setxattr(envfs.mnt / "sub" / "f3", "user.k", b"value")
+    os.setxattr(envfs.mnt / "sub", "user.d", b"on a directory")
     os.symlink("sub/f1", envfs.mnt / "link")
     (envfs.mnt / "empty-dir").mkdir()
     envfs.unmount()
@@ -665,6 +706,8 @@ def test_schema_1_store_is_upgraded(envfs: Envfs, tmp_path: Path) -> None:
     envfs.mount()
     assert sorted(os.listdir(envfs.mnt / "sub")) == sorted([f"f{i}" for i in range(40)] + ["deeper"])
     assert (envfs.mnt / "sub" / "f7").read_bytes() == b"7"
+    assert os.getxattr(envfs.mnt / "sub" / "f3", "user.k") == b"value"
+    assert os.listxattr(envfs.mnt / "sub") == ["user.d"]
     assert sorted(os.listdir(envfs.mnt)) == ["empty-dir", "link", "sub"]
     os.rmdir(envfs.mnt / "empty-dir")
     envfs.unmount()
@@ -675,6 +718,7 @@ def test_schema_1_store_is_upgraded(envfs: Envfs, tmp_path: Path) -> None:
     finally:
         reader.db.close()
     assert tree["/sub/deeper/x"][2] == b"x"
+    assert tree["/sub/f3"][3] == {b"user.k": b"value"}
     result = envfs.run("fsck", str(envfs.store), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 

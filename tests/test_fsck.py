@@ -563,7 +563,8 @@ def forge(store: str, ino: dict[str, int]) -> None:
         change(ino["/dir/link"], size=7)
         md.set_symlink(ino["/fifo"], names.encrypt_target(ino["/fifo"], b"x"))
         xattr = names.encrypt_xattr_name(77777, b"user.x")
-        md.set_xattr(77777, xattr, names.encrypt_xattr_value(77777, xattr, b"value"))
+        missing = Inode(77777, stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0)  # has no row
+        md.set_xattr(missing, xattr, names.encrypt_xattr_value(77777, xattr, b"value"))
         change(ino["/one"], block_writes=offline.superblock.rekey_after_block_writes + 2)
         change(ino["/over"], key_version=9)
         change(ino["/grown"], nlink=0)

@@ -574,3 +574,38 @@ def test_entry_put_back_is_detected(live: Envfs) -> None:
     remount(live, lambda: edit_db(live, put_back, *gone_row))
     expect_detection(lambda: os.listdir(live.mnt / "d"), "listing d with an entry of a deleted file put back")
     assert f"names inode {gone}, which has no row" in live.log_text()
+
+
+def test_deleted_or_replayed_xattr_row_is_detected(live: Envfs) -> None:
+    """xattr rows deleted or put back behind envfs's back: the inode's xattr set digest
+    no longer matches, so listxattr and getxattr of that inode fail, and fsck says so;
+    other inodes' xattrs still work."""
+    for name in ("a", "b", "c"):
+        (live.mnt / name).write_bytes(name.encode())
+        os.setxattr(live.mnt / name, "user.one", b"1")
+        os.setxattr(live.mnt / name, "user.two", b"2 old")
+    a, b = os.stat(live.mnt / "a").st_ino, os.stat(live.mnt / "b").st_ino
+    live.unmount()
+    db = sqlite3.connect(live.store / "meta.db")
+    old_row = db.execute("SELECT rowid, value FROM xattrs WHERE inode = ? ORDER BY rowid DESC LIMIT 1", (b,)).fetchone()
+    db.close()
+    mount(live)
+    os.setxattr(live.mnt / "b", "user.two", b"2 new")
+
+    def tamper() -> None:
+        edit_db(live, "DELETE FROM xattrs WHERE inode = ? AND rowid = (SELECT min(rowid) FROM xattrs WHERE inode = ?)",
+                a, a)  # fmt: skip
+        edit_db(live, "UPDATE xattrs SET value = ? WHERE inode = ? AND value <> ? AND rowid = "
+                "(SELECT max(rowid) FROM xattrs WHERE inode = ?)", old_row[1], b, old_row[1], b)  # fmt: skip
+
+    remount(live, tamper)
+    expect_detection(lambda: os.listxattr(live.mnt / "a"), "listxattr of a, a row deleted")
+    expect_detection(lambda: os.getxattr(live.mnt / "a", "user.two"), "getxattr of a's row left")
+    expect_detection(lambda: os.getxattr(live.mnt / "b", "user.two"), "getxattr of b's value put back")
+    assert f"inode {a}: its xattrs do not match their set digest" in live.log_text()
+    assert os.getxattr(live.mnt / "c", "user.two") == b"2 old"
+    assert sorted(os.listxattr(live.mnt / "c")) == ["user.one", "user.two"]
+    live.unmount()
+    result = live.run("fsck", str(live.store), check=False)
+    lines = [line for line in result.stdout.splitlines() if "do not match their set digest" in line]
+    assert result.returncode != 0 and len(lines) == 2, result.stdout

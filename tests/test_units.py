@@ -316,7 +316,8 @@ def test_entries_with_their_inodes(tmp_path: Path) -> None:
     with md.transaction():
         for i, f in enumerate(files):
             md.add_entry(root, b"n%d" % i, f.id)
-        md.set_xattr(files[1].id, b"x", b"v")
+        md.set_xattr(files[1], b"x", b"v")
+        md.save_inode(files[1])  # with its xattr set digest, as the caller of set_xattr does
     listed = md.entries_with_inodes(1, 0, 10, {})
     assert [(e.name, i) for e, i in listed] == [(b"n%d" % k, f) for k, f in enumerate(files)]
     assert [e for e, _ in md.entries_with_inodes(1, listed[0][0].id, 10, {})] == [e for e, _ in listed[1:]]
@@ -327,7 +328,8 @@ def test_entries_with_their_inodes(tmp_path: Path) -> None:
     assert md.lookup_with_inode(1, b"missing", {}) is None
     assert md.inodes_with_xattrs(limit=1) == {files[1].id}
     with md.transaction():
-        md.set_xattr(files[2].id, b"x", b"v")
+        md.set_xattr(files[2], b"x", b"v")
+        md.save_inode(files[2])
     assert md.inodes_with_xattrs(limit=1) is None  # too many to keep: the caller asks per inode
     md.db.execute("UPDATE inodes SET size=5 WHERE id=?", (files[2].id,))
     with pytest.raises(IntegrityError):
