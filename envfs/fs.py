@@ -364,8 +364,8 @@ class Operations(pyfuse3.Operations):
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         """`md.transaction()` for rows that change together, whose inode saves
-        join the request's only if it commits: a rolled-back transaction's
-        changes to cached inodes are undone with the request's failure."""
+        are deferred once it commits: a rolled-back transaction's changes to
+        cached inodes are undone with the request's failure."""
         if self._transaction_saves is not None:
             with self.md.transaction():
                 yield
@@ -377,7 +377,14 @@ class Operations(pyfuse3.Operations):
                 yield
         finally:
             self._transaction_saves = None
-        self._request_saves.update(saves)
+        # Its rows stay in the group whatever the rest of the request does (a
+        # create that then finds no file descriptor for the data file): its
+        # inode changes count from here, as a finished request's do, so that
+        # a later failure undoes only what came after, and a directory's
+        # digest stays in step with its entry rows.
+        for inode_id, inode in saves.items():
+            self._deferred[inode_id] = inode_values(inode)
+            self._request_saves.pop(inode_id, None)
 
     def _defer_saves(self) -> None:
         """After a request succeeded: what it saved without writing is deferred,
@@ -448,7 +455,7 @@ class Operations(pyfuse3.Operations):
 
     def _save(self, inode: Inode) -> None:
         """Record a change of a cached inode: deferred to the group commit once
-        the request (and the transaction it is in) has succeeded. On a nearly
+        the transaction it is in, or else the request, has succeeded. On a nearly
         full disk it is written at once, so that a lack of room is this
         request's error (nothing is deferred then: each request commits)."""
         self._unsaved_atimes.discard(inode.id)

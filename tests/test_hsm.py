@@ -190,20 +190,34 @@ def test_orphans_of_a_killed_daemon_are_cleaned_at_next_mount(store: Envfs) -> N
     assert "orphan inode" in store.log_text()
 
 
-def _token_server_dirs() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob(embedded.RUNTIME_PREFIX + "*"))
+def _token_server_dir(env: Envfs) -> Path:
+    """The socket directory of the mounted daemon's token server (`p11-kit server -n DIR/p11.sock`,
+    a child of the daemon): found by process, not by listing /tmp, where other mounts add theirs."""
+    daemon = str(env.daemon_pid())
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or (proc / "stat").read_text().rsplit(")", 1)[1].split()[1] != daemon:
+                continue
+            args = (proc / "cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if "-n" in args and args[args.index("-n") + 1].startswith(tempfile.gettempdir()):
+            socket = Path(args[args.index("-n") + 1])
+            assert socket.name == "p11.sock" and socket.parent.name.startswith(embedded.RUNTIME_PREFIX)
+            return socket.parent
+    raise AssertionError(f"no token server under daemon {daemon}")
 
 
 def test_socket_directory_of_a_killed_daemon_is_swept(store: Envfs) -> None:
     """The token server's socket directory outlives a daemon killed with SIGKILL;
     the sweep that every start runs removes it, and never a live server's."""
-    before = _token_server_dirs()
     store.mount()
-    (killed,) = _token_server_dirs() - before
+    killed = _token_server_dir(store)
     _kill_daemon(store)
     assert (killed / "p11.sock").exists()
     store.mount()
-    (live,) = _token_server_dirs() - before - {killed}
+    live = _token_server_dir(store)
+    assert live != killed
     assert embedded.remove_stale_runtimes(min_age=0) >= 1
     assert not killed.exists()
     assert live.is_dir()

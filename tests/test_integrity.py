@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import sqlite3
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -609,3 +610,35 @@ def test_deleted_or_replayed_xattr_row_is_detected(live: Envfs) -> None:
     result = live.run("fsck", str(live.store), check=False)
     lines = [line for line in result.stdout.splitlines() if "do not match their set digest" in line]
     assert result.returncode != 0 and len(lines) == 2, result.stdout
+
+
+def test_a_create_that_fails_late_leaves_the_digest_whole(live: Envfs) -> None:
+    """A create whose rows were written but whose data file could not be opened (the
+    daemon out of file descriptors) fails, and must leave the directory's digest in
+    step with its rows: no EIO from the next listing, and fsck clean."""
+    (live.mnt / "d").mkdir()
+    keep = [open(live.mnt / "d" / "first", "wb")]  # noqa: SIM115 (held open on purpose)
+    pid = live.daemon_pid()
+    used = len(os.listdir(f"/proc/{pid}/fd"))
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    soft, hard = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits).groups()
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={used + 8}:{hard}"], check=True)
+    failed = 0
+    try:
+        for i in range(40):
+            try:
+                keep.append(open(live.mnt / "d" / f"f{i}", "wb"))  # noqa: SIM115
+            except OSError as e:
+                assert e.errno in (errno.EMFILE, errno.ENFILE, errno.EIO), e
+                failed += 1
+    finally:
+        for f in keep:
+            f.close()
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"], check=True)
+    assert failed, "the daemon never ran out of file descriptors"
+    names = os.listdir(live.mnt / "d")  # a false digest mismatch would be EIO here
+    assert "first" in names
+    assert "integrity" not in live.log_text()
+    live.unmount()
+    result = live.run("fsck", str(live.store), check=False)
+    assert result.returncode == 0, result.stdout
