@@ -304,13 +304,13 @@ class Operations(pyfuse3.Operations):
 
     def failed(self, operation: str, error: Exception) -> int:
         """Log a handler's error and return the errno to answer with."""
+        # The request may have changed cached inodes and then failed: put them
+        # back as the requests before it left them.
+        self._undo_request()
         if isinstance(error, IntegrityError):
             self.integrity_errors += 1
             log.error("integrity: %s", error)
             return errno.EIO
-        # The request may have changed cached inodes and then failed: put them
-        # back as the requests before it left them.
-        self._undo_request()
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG):
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._low_space = True  # commit per request until a commit finds room again
