@@ -74,15 +74,18 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 def handler(method: F | None = None, *, frees_space: bool = False) -> Any:
     """Map every exception of a request handler to an errno reply.
 
-    With `frees_space`, a request that ran out of space (SQLite needs room even
-    to delete a row) is retried once after the store's space reserve is given
-    up: a full disk must not stop the user from freeing space.
+    A request that ran out of space while deleted files' data files wait for
+    the group commit is retried once after that commit. With `frees_space`, a
+    request that ran out of space (SQLite needs room even to delete a row) is
+    retried once after the store's space reserve is given up: a full disk must
+    not stop the user from freeing space.
     """
 
     def decorate(method: F) -> F:
         @functools.wraps(method)
         async def wrapper(self: Operations, *args: Any) -> Any:
-            for attempt in (1, 2):
+            committed = released = False  # each remedy for a lack of space is tried once
+            while True:
                 try:
                     result = await method(self, *args)
                     self._defer_saves()
@@ -93,7 +96,14 @@ def handler(method: F | None = None, *, frees_space: bool = False) -> Any:
                     raise
                 except Exception as e:
                     code = self.failed(method.__name__, e)
-                    if attempt == 1 and frees_space and code == errno.ENOSPC and self.store.release_reserve():
+                    if code == errno.ENOSPC and not committed and self.md.actions_waiting():
+                        # The data files of deleted inodes go at the next commit:
+                        # they may be the room this request needs.
+                        committed = True
+                        self.commit_if_due(now=True)
+                        continue
+                    if code == errno.ENOSPC and frees_space and not released and self.store.release_reserve():
+                        released = True
                         log.warning("%s: out of space; released the store's reserve and retrying", method.__name__)
                         continue
                     if code in (errno.ENOSPC, errno.EDQUOT):
@@ -305,8 +315,12 @@ class Operations(pyfuse3.Operations):
     def failed(self, operation: str, error: Exception) -> int:
         """Log a handler's error and return the errno to answer with."""
         # The request may have changed cached inodes and then failed: put them
-        # back as the requests before it left them.
-        self._undo_request()
+        # back as the requests before it left them; or, where SQLite rolled the
+        # whole group back (a full disk), forget what the group deferred too.
+        if self.md.group_rolled_back():
+            self._drop_caches()
+        else:
+            self._undo_request()
         if isinstance(error, IntegrityError):
             self.integrity_errors += 1
             log.error("integrity: %s", error)
@@ -343,6 +357,10 @@ class Operations(pyfuse3.Operations):
             self._save_atimes()
             self.md.commit()
         except BaseException:
+            # The caches go, and the group with them where it is still open
+            # (a row that could not be written): the database must not keep
+            # entry rows whose directories' digests and link counts are gone.
+            self.md.abandon_group()
             self._drop_caches()
             raise
 
@@ -796,10 +814,20 @@ class Operations(pyfuse3.Operations):
         parent = self._dir(parent_inode)
         name_ct = self._encrypt_name(parent.id, name)
         inode_id = self._next_file_id or self.md.allocate_inode_id()
+        opened: list[DataFile] = []
         try:
             with self._transaction():
                 inode = self._new_inode(parent, name_ct, stat.S_IFREG | stat.S_IMODE(mode), ctx, inode_id=inode_id)
-        except FUSEError as e:
+                # Its data file in the same transaction: a create that cannot
+                # make it (no file descriptor left, no inode on the backing
+                # filesystem) fails whole and leaves no name behind.
+                opened.append(self._open_data(inode))
+        except BaseException as e:
+            for data in opened:  # made, then its rows rolled back: nothing names it
+                data.close()
+                self.store.remove_data_file(inode_id, self.keys.superblock.current_key_version, 0)
+            if not isinstance(e, FUSEError):
+                raise
             existing = self._child(parent.id, name_ct) if e.errno == errno.EEXIST else None
             if existing is None or flags & os.O_EXCL:
                 raise
@@ -811,7 +839,7 @@ class Operations(pyfuse3.Operations):
             return info, self._lookup_ref(existing)
         self._next_file_id = None
         attrs = self._lookup_ref(inode)
-        info = self._open_handle(inode, ctx)
+        info = self._open_handle(inode, ctx, opened[0])
         # Files tend to come in runs (untar, cp -r): the next one's key is derived
         # while the kernel and the application work on this one.
         self._next_file_id = self.md.allocate_inode_id()
@@ -955,10 +983,11 @@ class Operations(pyfuse3.Operations):
 
     # -- file handles ----------------------------------------------------------
 
-    def _open_handle(self, inode: Inode, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    def _open_handle(self, inode: Inode, ctx: pyfuse3.RequestContext, data: DataFile | None = None) -> pyfuse3.FileInfo:
+        """A new handle of `inode`; `data`: its data file, opened already (by a create)."""
         open_file = self._open.get(inode.id)
         if open_file is None:
-            open_file = OpenFile(self._open_data(inode))
+            open_file = OpenFile(data or self._open_data(inode))
             self._open[inode.id] = open_file
         open_file.handles += 1
         fh = self._next_fh
@@ -1444,13 +1473,15 @@ class Operations(pyfuse3.Operations):
                 self._maybe_delete(inode_id)
             except Exception:
                 log.exception("cleaning inode %d at unmount", inode_id)
-        self._write_deferred()
-        self._save_atimes()
-        self.md.sync()
-        # pyfuse3 keeps this object in a module global after the session: drop
-        # the key material it reaches now rather than at process exit.
-        self.names.close()
-        self._inodes.clear()
+        try:
+            self._write_deferred()
+            self._save_atimes()
+            self.md.sync()
+        finally:
+            # pyfuse3 keeps this object in a module global after the session: drop
+            # the key material it reaches now rather than at process exit.
+            self.names.close()
+            self._inodes.clear()
 
 
 def delete_inode(store: Store, metadata: Metadata, inode: Inode, *, xattrs: bool = True) -> None:

@@ -436,10 +436,28 @@ class Metadata:
                 # fail the request that happened to trigger the commit.
                 log.exception("metadata: after commit")
 
+    def group_rolled_back(self) -> bool:
+        """Whether SQLite rolled the open group transaction back on its own
+        (after an error such as a full disk): its changes are gone."""
+        return self._group_open and not self.db.in_transaction
+
+    def abandon_group(self) -> None:
+        """Roll the open group transaction back, for a caller that failed while
+        writing it and drops what it kept in memory: the database goes back to
+        the last commit with it."""
+        if self._group_open:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            self._group_lost("writing the group failed")
+
     def _group_lost(self, why: str) -> None:
         log.error("metadata: %d changes since the last commit are lost: %s", self._group_changes, why)
         self._group_open = False
         self._after_commit.clear()
+
+    def actions_waiting(self) -> bool:
+        """Whether actions wait for the next commit (`after_commit`)."""
+        return bool(self._after_commit)
 
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run `action` once the changes made so far are committed (at once if they are)."""

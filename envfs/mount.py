@@ -242,9 +242,15 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
 
         def finish() -> None:
             pyfuse3.close(unmount=not clean)
-            operations.destroy()
-            metadata.set_setting("mounted", 0)
-            metadata.sync()
+            try:
+                operations.destroy()
+                metadata.set_setting("mounted", 0)
+                metadata.sync()
+            except (OSError, sqlite3.Error) as e:
+                # A full or failing backing filesystem: what was not committed is
+                # lost as in a crash, and the store stays marked as mounted, so
+                # that the next mount recovers it.
+                log.error("unmount: the last metadata changes were not written (%s); the next mount recovers", e)
 
         stack.callback(finish)
         log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())

@@ -213,3 +213,38 @@ def test_store_on_a_read_only_filesystem(small_store: Envfs) -> None:
         subprocess.run(["mount", "-o", "remount,rw", str(backing)], check=True)
     small_store.mount()
     assert (small_store.mnt / "keep").read_bytes() == keep
+
+
+def test_backing_filesystem_out_of_inodes(envfs: Envfs) -> None:
+    """A backing filesystem with no inode left for a data file: the create fails with
+    ENOSPC and leaves no name behind, listings and fsck stay clean, and creates work
+    again once inodes are free."""
+    backing = envfs.root / "backing"
+    backing.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=96", "envfs-test", str(backing)], check=True)
+    try:
+        envfs.store = backing / "store"
+        envfs.init()
+        envfs.mount()
+        (envfs.mnt / "d").mkdir()
+        made, refused = [], 0
+        for i in range(200):
+            try:
+                (envfs.mnt / "d" / f"f{i}").write_bytes(b"x")
+                made.append(f"f{i}")
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                refused += 1
+        assert made and refused
+        assert sorted(os.listdir(envfs.mnt / "d")) == sorted(made)
+        for name in made[: len(made) // 2]:
+            os.unlink(envfs.mnt / "d" / name)
+        (envfs.mnt / "d" / "again").write_bytes(b"y")
+        assert (envfs.mnt / "d" / "again").read_bytes() == b"y"
+        assert "integrity" not in envfs.log_text()
+        envfs.unmount()
+        result = envfs.run("fsck", str(envfs.store), check=False)
+        assert result.returncode == 0, result.stdout
+    finally:
+        envfs.cleanup()
+        subprocess.run(["umount", "-l", str(backing)], capture_output=True)

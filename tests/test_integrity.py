@@ -613,9 +613,9 @@ def test_deleted_or_replayed_xattr_row_is_detected(live: Envfs) -> None:
 
 
 def test_a_create_that_fails_late_leaves_the_digest_whole(live: Envfs) -> None:
-    """A create whose rows were written but whose data file could not be opened (the
-    daemon out of file descriptors) fails, and must leave the directory's digest in
-    step with its rows: no EIO from the next listing, and fsck clean."""
+    """A create whose data file cannot be opened (the daemon out of file descriptors)
+    fails whole: no name left behind, the directory's digest in step with its rows
+    (no EIO from the next listing), and fsck clean, without leftovers."""
     (live.mnt / "d").mkdir()
     keep = [open(live.mnt / "d" / "first", "wb")]  # noqa: SIM115 (held open on purpose)
     pid = live.daemon_pid()
@@ -623,11 +623,12 @@ def test_a_create_that_fails_late_leaves_the_digest_whole(live: Envfs) -> None:
     limits = Path(f"/proc/{pid}/limits").read_text()
     soft, hard = re.search(r"Max open files\s+(\d+)\s+(\d+)", limits).groups()
     subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={used + 8}:{hard}"], check=True)
-    failed = 0
+    failed, made = 0, ["first"]
     try:
         for i in range(40):
             try:
                 keep.append(open(live.mnt / "d" / f"f{i}", "wb"))  # noqa: SIM115
+                made.append(f"f{i}")
             except OSError as e:
                 assert e.errno in (errno.EMFILE, errno.ENFILE, errno.EIO), e
                 failed += 1
@@ -637,8 +638,8 @@ def test_a_create_that_fails_late_leaves_the_digest_whole(live: Envfs) -> None:
         subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"], check=True)
     assert failed, "the daemon never ran out of file descriptors"
     names = os.listdir(live.mnt / "d")  # a false digest mismatch would be EIO here
-    assert "first" in names
+    assert sorted(names) == sorted(made)  # a failed create leaves no name behind
     assert "integrity" not in live.log_text()
     live.unmount()
     result = live.run("fsck", str(live.store), check=False)
-    assert result.returncode == 0, result.stdout
+    assert result.returncode == 0 and re.search(r"leftovers: +0\b", result.stdout), result.stdout
