@@ -819,16 +819,15 @@ class Metadata:
         target: Callable[[int, bytes], bytes], xattr: Callable[[int, bytes, bytes], tuple[bytes, bytes]],
     ) -> None:  # fmt: skip
         """Move every row to the metadata MAC key `mac` of `key_version`, in one
-        transaction: inode and entry MACs and directories' entry set digests
+        transaction: inode and entry MACs and the entry and xattr set digests
         recomputed, entry names, symlink targets and xattrs replaced by what
         the callbacks give for their ciphertexts (re-encryption under the new
         name key). Every row and digest is authenticated under the current
-        key first; `metadata_key_version`
-        records the new version in the same transaction. Afterwards this
-        object reads and writes under the new key."""
+        key first; `metadata_key_version` records the new version in the same
+        transaction. Afterwards this object reads and writes under the new key."""
         new = _RowMacs(mac)
-        # Each directory's digest: of its entries as they are, to check the
-        # stored one, and under the new key, with the new names, to store.
+        # Each digest twice: of the rows as they are, to check the stored one,
+        # and under the new key, with the new ciphertexts, to store.
         old_digests: dict[int, int] = {}
         new_digests: dict[int, int] = {}
         old_xattrs: dict[int, int] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -14,12 +15,12 @@ import pytest
 from helpers import Envfs, process_gone
 
 
-@pytest.fixture
-def small_store(envfs: Envfs) -> Iterator[Envfs]:
-    """A store on a 24 MiB tmpfs of its own."""
+@contextlib.contextmanager
+def store_on_tmpfs(envfs: Envfs, options: str) -> Iterator[Envfs]:
+    """`envfs` with its store on a tmpfs of its own (mount `options`), mounted."""
     backing = envfs.root / "backing"
     backing.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "envfs-test", str(backing)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "envfs-test", str(backing)], check=True)
     try:
         envfs.store = backing / "store"
         envfs.init()
@@ -28,6 +29,13 @@ def small_store(envfs: Envfs) -> Iterator[Envfs]:
     finally:
         envfs.cleanup()
         subprocess.run(["umount", "-l", str(backing)], capture_output=True)
+
+
+@pytest.fixture
+def small_store(envfs: Envfs) -> Iterator[Envfs]:
+    """A store on a 24 MiB tmpfs of its own."""
+    with store_on_tmpfs(envfs, "size=24m") as store:
+        yield store
 
 
 def _fill(path: Path) -> int:
@@ -219,13 +227,7 @@ def test_backing_filesystem_out_of_inodes(envfs: Envfs) -> None:
     """A backing filesystem with no inode left for a data file: the create fails with
     ENOSPC and leaves no name behind, listings and fsck stay clean, and creates work
     again once inodes are free."""
-    backing = envfs.root / "backing"
-    backing.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,nr_inodes=96", "envfs-test", str(backing)], check=True)
-    try:
-        envfs.store = backing / "store"
-        envfs.init()
-        envfs.mount()
+    with store_on_tmpfs(envfs, "size=64m,nr_inodes=96"):
         (envfs.mnt / "d").mkdir()
         made, refused = [], 0
         for i in range(200):
@@ -245,6 +247,3 @@ def test_backing_filesystem_out_of_inodes(envfs: Envfs) -> None:
         envfs.unmount()
         result = envfs.run("fsck", str(envfs.store), check=False)
         assert result.returncode == 0, result.stdout
-    finally:
-        envfs.cleanup()
-        subprocess.run(["umount", "-l", str(backing)], capture_output=True)
