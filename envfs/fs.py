@@ -890,7 +890,7 @@ class Operations(pyfuse3.Operations):
         if directory:
             if self.md.has_entries(inode.id):
                 raise FUSEError(errno.ENOTEMPTY)
-            self._check_entries(inode, 0)
+            self.md.check_entries(inode, 0)
         now = _now()
         with self._transaction():
             self.md.remove_entry(parent, name_ct, inode.id)
@@ -955,7 +955,7 @@ class Operations(pyfuse3.Operations):
                     raise FUSEError(errno.ENOTDIR)
                 if self.md.has_entries(target.id):
                     raise FUSEError(errno.ENOTEMPTY)
-                self._check_entries(target, 0)
+                self.md.check_entries(target, 0)
             elif stat.S_ISDIR(target.mode):
                 raise FUSEError(errno.EISDIR)
         with self._transaction():
@@ -1344,18 +1344,8 @@ class Operations(pyfuse3.Operations):
             if len(entries) < _READDIR_BATCH:
                 self._listing_ends[directory.id] = after + 2
                 if listing is not None:
-                    self._check_entries(directory, digest)
+                    self.md.check_entries(directory, digest)
                 return
-
-    def _check_entries(self, directory: Inode, listed: int) -> None:
-        """The digest of every entry of `directory` against the one its row
-        records: an entry row deleted, added or put back behind envfs's back
-        makes them differ."""
-        if listed != directory.entries:
-            raise IntegrityError(
-                f"directory {directory.id}: its entries do not match its entry set digest "
-                "(an entry was removed or added outside envfs)"
-            )
 
     @handler
     async def releasedir(self, fh: int) -> None:

@@ -24,6 +24,7 @@ import stat
 import struct
 import time
 import urllib.parse
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -311,24 +312,23 @@ class Metadata:
                 f"{self._path}: metadata schema version 1 is upgraded at the first mount, which needs the store "
                 "writable; mount it once where it is"
             )
-        digests: dict[int, int] = {}
-        xattr_digests: dict[int, int] = {}
+        digests: defaultdict[int, int] = defaultdict(int)
+        xattr_digests: defaultdict[int, int] = defaultdict(int)
         with self.transaction():
             self.db.execute("ALTER TABLE inodes ADD COLUMN entries BLOB")
             self.db.execute("ALTER TABLE inodes ADD COLUMN xattrs BLOB")
             for entry, valid in self.scan_entries():
                 if valid:
-                    digests[entry.parent] = digests.get(entry.parent, 0) ^ self.entry_element(entry)
+                    digests[entry.parent] ^= self.entry_element(entry)
             for inode_id, name, value in self.scan_xattrs():
-                element = self.xattr_element(inode_id, name, value)
-                xattr_digests[inode_id] = xattr_digests.get(inode_id, 0) ^ element
+                xattr_digests[inode_id] ^= self.xattr_element(inode_id, name, value)
             for row in self._batches(f"SELECT {_INODE_FIELDS} FROM inodes i WHERE i.id>? ORDER BY i.id LIMIT ?"):
                 inode = Inode(*row[:-3])
                 if not _mac_matches(lambda inode=inode: self._macs.inode_v1(inode), row[-1]):
                     log.warning("metadata upgrade: inode %d fails its MAC; left as it is", inode.id)
                     continue
-                inode.entries, inode.xattrs = digests.get(inode.id, 0), xattr_digests.get(inode.id, 0)
-                self.db.execute(_SET_DIGESTS, (*self._sealed_row(inode)[-3:], inode.id))
+                inode.entries, inode.xattrs = digests[inode.id], xattr_digests[inode.id]
+                self._set_digests(self._macs, inode)
             self.db.execute("UPDATE settings SET value=? WHERE name='schema_version'", (SCHEMA_VERSION,))
         self.schema_version = SCHEMA_VERSION
         log.info("metadata: upgraded from schema version 1 to %d (entry set digests)", SCHEMA_VERSION)
@@ -502,6 +502,11 @@ class Metadata:
         inode.entries = self._macs.entries_seal.open(inode.id, entries)
         inode.xattrs = self._macs.xattrs_seal.open(inode.id, xattrs)
         return inode
+
+    def _set_digests(self, macs: _RowMacs, inode: Inode) -> None:
+        """Write an inode's digests, sealed, and its MAC under `macs` (the upgrade, a rotation)."""
+        entries, xattrs = macs.sealed_digests(inode)
+        self.db.execute(_SET_DIGESTS, (entries, xattrs, macs.inode(inode, entries, xattrs), inode.id))
 
     def _sealed_row(self, inode: Inode) -> tuple[Any, ...]:
         """What an inode's row stores after its id: its columns, the sealed digests, the MAC."""
@@ -683,6 +688,26 @@ class Metadata:
         its entries' elements, so a listing that read them all can check it."""
         return self._macs.element(entry.parent, entry.inode, entry.name)
 
+    @staticmethod
+    def check_entries(directory: Inode, listed: int) -> None:
+        """The digest of every entry of `directory` (the XOR of their elements)
+        against the one its row records: an entry row deleted, added or put
+        back behind envfs's back makes them differ."""
+        if listed != directory.entries:
+            raise IntegrityError(
+                f"directory {directory.id}: its entries do not match its entry set digest "
+                "(an entry was removed or added outside envfs)"
+            )
+
+    @staticmethod
+    def _check_xattrs(inode: Inode, rows: int) -> None:
+        """The digest of all of an inode's xattr rows against the one its row records."""
+        if rows != inode.xattrs:
+            raise IntegrityError(
+                f"inode {inode.id}: its xattrs do not match their set digest (one was removed, added or put back "
+                "outside envfs)"
+            )
+
     def parent_of(self, inode: int) -> int | None:
         """The directory holding a directory (directories have one entry)."""
         row = self.db.execute(
@@ -730,11 +755,7 @@ class Metadata:
         digest = 0
         for name, value in found.items():
             digest ^= self._macs.xattr_element(inode.id, name, value)
-        if digest != inode.xattrs:
-            raise IntegrityError(
-                f"inode {inode.id}: its xattrs do not match their set digest (one was removed, added or put back "
-                "outside envfs)"
-            )
+        self._check_xattrs(inode, digest)
         return found
 
     def xattr_element(self, inode: int, name: bytes, value: bytes) -> int:
@@ -828,10 +849,10 @@ class Metadata:
         new = _RowMacs(mac)
         # Each digest twice: of the rows as they are, to check the stored one,
         # and under the new key, with the new ciphertexts, to store.
-        old_digests: dict[int, int] = {}
-        new_digests: dict[int, int] = {}
-        old_xattrs: dict[int, int] = {}
-        new_xattrs: dict[int, int] = {}
+        old_digests: defaultdict[int, int] = defaultdict(int)
+        new_digests: defaultdict[int, int] = defaultdict(int)
+        old_xattrs: defaultdict[int, int] = defaultdict(int)
+        new_xattrs: defaultdict[int, int] = defaultdict(int)
         with self.transaction():
             for entry, valid in self.scan_entries():
                 if not valid:
@@ -841,24 +862,20 @@ class Metadata:
                     "UPDATE dentries SET name=?, mac=? WHERE id=?",
                     (name_ct, new.dentry(entry.parent, entry.inode, name_ct), entry.id),
                 )
-                old_digests[entry.parent] = old_digests.get(entry.parent, 0) ^ self.entry_element(entry)
-                element = new.element(entry.parent, entry.inode, name_ct)
-                new_digests[entry.parent] = new_digests.get(entry.parent, 0) ^ element
+                old_digests[entry.parent] ^= self.entry_element(entry)
+                new_digests[entry.parent] ^= new.element(entry.parent, entry.inode, name_ct)
             for rowid, inode_id, name_ct, value_ct in self._batches(_XATTRS_AFTER):
-                old_xattrs[inode_id] = old_xattrs.get(inode_id, 0) ^ self.xattr_element(inode_id, name_ct, value_ct)
+                old_xattrs[inode_id] ^= self.xattr_element(inode_id, name_ct, value_ct)
                 new_name, new_value = xattr(inode_id, name_ct, value_ct)
                 self.db.execute("UPDATE xattrs SET name=?, value=? WHERE rowid=?", (new_name, new_value, rowid))
-                new_xattrs[inode_id] = new_xattrs.get(inode_id, 0) ^ new.xattr_element(inode_id, new_name, new_value)
+                new_xattrs[inode_id] ^= new.xattr_element(inode_id, new_name, new_value)
             for inode_id, inode in self.scan_inodes():
                 if inode is None:
                     raise IntegrityError(f"inode {inode_id}: metadata MAC mismatch")
-                if inode.entries != old_digests.get(inode.id, 0):
-                    raise IntegrityError(f"directory {inode.id}: its entries do not match its entry set digest")
-                if inode.xattrs != old_xattrs.get(inode.id, 0):
-                    raise IntegrityError(f"inode {inode.id}: its xattrs do not match their set digest")
-                inode.entries, inode.xattrs = new_digests.get(inode.id, 0), new_xattrs.get(inode.id, 0)
-                entries, xattrs = new.sealed_digests(inode)
-                self.db.execute(_SET_DIGESTS, (entries, xattrs, new.inode(inode, entries, xattrs), inode.id))
+                self.check_entries(inode, old_digests[inode.id])
+                self._check_xattrs(inode, old_xattrs[inode.id])
+                inode.entries, inode.xattrs = new_digests[inode.id], new_xattrs[inode.id]
+                self._set_digests(new, inode)
             for inode_id, target_ct in self.scan_symlinks():
                 self.db.execute("UPDATE symlinks SET target=? WHERE inode=?", (target(inode_id, target_ct), inode_id))
             self.db.execute(
@@ -884,35 +901,26 @@ class _RowMacs:
 
     def inode(self, inode: Inode, entries: bytes | None, xattrs: bytes | None) -> bytes:
         """The MAC of an inode's row; `entries`, `xattrs`: its sealed digest columns."""
-        h = self._inode.copy()
-        h.update(_INODE_PACK.pack(*inode_values(inode)[:-2]) + _optional(entries) + _optional(xattrs))
-        return h.finalize()
+        columns = _INODE_PACK.pack(*inode_values(inode)[:-2])
+        return _finish(self._inode, columns + _optional(entries) + _optional(xattrs))
 
     def inode_v1(self, inode: Inode) -> bytes:
         """The MAC of schema version 1 (no digests), for the upgrade."""
-        h = self._inode_v1.copy()
-        h.update(_INODE_PACK.pack(*inode_values(inode)[:-2]))
-        return h.finalize()
+        return _finish(self._inode_v1, _INODE_PACK.pack(*inode_values(inode)[:-2]))
 
     def sealed_digests(self, inode: Inode) -> tuple[bytes | None, bytes | None]:
         return self.entries_seal.seal(inode.id, inode.entries), self.xattrs_seal.seal(inode.id, inode.xattrs)
 
     def dentry(self, parent: int, inode: int, name: bytes) -> bytes:
-        h = self._dentry.copy()
-        h.update(_DENTRY_PREFIX.pack(parent, inode) + name)
-        return h.finalize()
+        return _finish(self._dentry, _DENTRY_PREFIX.pack(parent, inode) + name)
 
     def element(self, parent: int, inode: int, name: bytes) -> int:
         """An entry's element of its directory's digest (never stored)."""
-        h = self._element.copy()
-        h.update(_DENTRY_PREFIX.pack(parent, inode) + name)
-        return int.from_bytes(h.finalize())
+        return int.from_bytes(_finish(self._element, _DENTRY_PREFIX.pack(parent, inode) + name))
 
     def xattr_element(self, inode: int, name: bytes, value: bytes) -> int:
         """An xattr row's element of its inode's xattr digest (never stored)."""
-        h = self._xattr_element.copy()
-        h.update(_XATTR_NAME_LENGTH.pack(inode, len(name)) + name + value)
-        return int.from_bytes(h.finalize())
+        return int.from_bytes(_finish(self._xattr_element, _XATTR_NAME_LENGTH.pack(inode, len(name)) + name + value))
 
 
 class _Seal:
@@ -923,9 +931,7 @@ class _Seal:
         self._labelled = labelled
 
     def _pad(self, owner: int, nonce: bytes) -> int:
-        h = self._labelled.copy()
-        h.update(struct.pack(">Q", owner) + nonce)
-        return int.from_bytes(h.finalize())
+        return int.from_bytes(_finish(self._labelled, struct.pack(">Q", owner) + nonce))
 
     def seal(self, owner: int, digest: int) -> bytes | None:
         if not digest:
@@ -945,6 +951,13 @@ def _prefixed(mac: hmac.HMAC, prefix: bytes) -> hmac.HMAC:
     h = mac.copy()
     h.update(prefix)
     return h
+
+
+def _finish(prefixed: hmac.HMAC, message: bytes) -> bytes:
+    """The HMAC of a prefixed context's label followed by `message`."""
+    h = prefixed.copy()
+    h.update(message)
+    return h.finalize()
 
 
 def _optional(sealed: bytes | None) -> bytes:
