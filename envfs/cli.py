@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from . import embedded
+from .anchor import Anchor
 from .errors import DamageFound, EnvfsError, PinError, UsageError
 from .hsm import HsmAdmin
 from .keys import KeyRing
@@ -123,6 +124,7 @@ def cmd_init(args: argparse.Namespace) -> None:
                 metadata.sync()
             finally:
                 metadata.close()
+            Anchor(keys, store).create()
             store.lock_path.touch(mode=0o600)  # so a refused mount creates nothing
             store.write_superblock(superblock)
     except BaseException:
@@ -268,6 +270,13 @@ def cmd_fsck(args: argparse.Namespace) -> None:
         raise DamageFound(f"{args.store}: {summary.damaged} damaged or inconsistent item(s) found")
 
 
+def cmd_reanchor(args: argparse.Namespace) -> None:
+    with OfflineStore(args.store, read_pin(args.pin_file), "reanchor") as offline:
+        offline.accept_store = True
+        offline.metadata()
+    print(f"{Store(args.store).path}: the HSM anchor now takes the store as it is ('envfs fsck' checks it)")
+
+
 def _tool_parser(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand of the operator tools: an unmounted STORE and the token's PIN."""
     p: argparse.ArgumentParser = sub.add_parser(name, help=help)
@@ -319,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _tool_parser(sub, "retire", "destroy every master key version but the current one").set_defaults(func=cmd_retire)
     _tool_parser(sub, "fsck", "read and authenticate the whole store; report damage").set_defaults(func=cmd_fsck)
+    _tool_parser(
+        sub, "reanchor", "accept the store as it is now (after restoring it from a backup on purpose)"
+    ).set_defaults(func=cmd_reanchor)
 
     p = sub.add_parser("status", help="show a store or mount (all mounts without an argument)")
     p.add_argument("path", nargs="?")

@@ -90,6 +90,13 @@ class StoreReadOnly(EnvfsError):
     exit_code = 26
 
 
+class StoreRolledBack(EnvfsError):
+    """meta.db is not the file the store's anchor in the HSM describes: an older
+    copy of the store (or of meta.db) was put back, or it was replaced."""
+
+    exit_code = 27
+
+
 class BadMountpoint(EnvfsError):
     exit_code = 30
 

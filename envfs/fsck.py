@@ -1,11 +1,14 @@
 """`envfs fsck`: read and authenticate a whole unmounted store and report
 every damaged or inconsistent item, changing nothing (but the one-time
-upgrade of a schema version 1 store's metadata, `Metadata.upgrade`).
+upgrade of a schema version 1 store's metadata, `Metadata.upgrade`, and the
+store's anchor in the token, which it checks and renews as every writer does).
 
 Each problem is one line handed to `report`, starting with a stable kind
 word and a colon, then the inode it concerns (with its plaintext path where
 the tree allows working it out) and what is wrong:
 
+    anchor:      meta.db is not the file the store's HSM anchor describes
+                 (an older copy of the store or of meta.db was put back)
     sqlite:      the database's own integrity check
     mac:         an inode row or a directory entry fails its MAC
     entryset:    a directory's entries do not match its entry set digest
@@ -165,6 +168,8 @@ class _Fsck:
     # -- the passes ----------------------------------------------------------
 
     def run(self) -> FsckSummary:
+        if self.offline.anchor_problem is not None:
+            self.damage("anchor", self.offline.anchor_problem)
         self.notes()
         self.phase("integrity check", self.check_sqlite)
         self.phase("inodes", self.load_inodes)

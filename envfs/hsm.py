@@ -2,7 +2,8 @@
 
 This is the only module that speaks PKCS#11. It has two halves:
 
-- `Hsm` derives keys. It drives the module's function list directly
+- `Hsm` derives keys, and reads and writes the store's anchor (a data
+  object, `anchor`). It drives the module's function list directly
   (ctypes), so the HMAC output lands in locked memory (python-pkcs11's
   `sign()` returns a `bytes` and leaves a freed copy of the key behind) and
   the module is initialised with CKF_OS_LOCKING_OK (python-pkcs11 passes NULL,
@@ -65,8 +66,15 @@ _CKF_SERIAL_SESSION = 0x4
 _CKU_SO = 0
 _CKU_USER = 1
 _CKA_CLASS = 0x0
+_CKA_TOKEN = 0x1
+_CKA_PRIVATE = 0x2
 _CKA_LABEL = 0x3
+_CKA_VALUE = 0x11
+_CKO_DATA = 0x0
 _CKO_SECRET_KEY = 0x4
+_CK_TRUE = 1
+# Data objects of one label read at most: one is kept, two exist for a moment.
+_MAX_DATA_OBJECTS = 8
 _CKM_SHA256_HMAC = 0x251
 
 
@@ -114,6 +122,9 @@ _SIGNATURES: dict[str, tuple[Any, ...]] = {
     "C_OpenSession": (_CK_ULONG, _CK_ULONG, ctypes.c_void_p, ctypes.c_void_p, _P(_CK_ULONG)),
     "C_CloseSession": (_CK_ULONG,),
     "C_Login": (_CK_ULONG, _CK_ULONG, ctypes.c_char_p, _CK_ULONG),
+    "C_CreateObject": (_CK_ULONG, _P(_Attribute), _CK_ULONG, _P(_CK_ULONG)),
+    "C_DestroyObject": (_CK_ULONG, _CK_ULONG),
+    "C_GetAttributeValue": (_CK_ULONG, _CK_ULONG, _P(_Attribute), _CK_ULONG),
     "C_FindObjectsInit": (_CK_ULONG, _P(_Attribute), _CK_ULONG),
     "C_FindObjects": (_CK_ULONG, _P(_CK_ULONG), _CK_ULONG, _P(_CK_ULONG)),
     "C_FindObjectsFinal": (_CK_ULONG,),
@@ -256,26 +267,31 @@ class Hsm:
         if handle is not None:
             return handle
         self._disarm()
+        found = self._find(self._session, _CKO_SECRET_KEY, label)
+        if not found:
+            raise KeyNotFound(f"no key labelled {label!r} in token {self.token_label!r}")
+        if len(found) > 1:
+            raise KeyNotFound(f"several keys labelled {label!r} in token {self.token_label!r}")
+        self._keys[label] = found[0]
+        return found[0]
+
+    def _find(self, session: int | None, object_class: int, label: str, limit: int = 2) -> list[int]:
+        """Handles of the objects of `object_class` labelled `label` (at most `limit`)."""
         encoded = label.encode()
-        key_class = _CK_ULONG(_CKO_SECRET_KEY)
+        class_value = _CK_ULONG(object_class)
         label_buffer = ctypes.create_string_buffer(encoded, len(encoded))
         template = (_Attribute * 2)(
-            _Attribute(_CKA_CLASS, ctypes.addressof(key_class), ctypes.sizeof(key_class)),
+            _Attribute(_CKA_CLASS, ctypes.addressof(class_value), ctypes.sizeof(class_value)),
             _Attribute(_CKA_LABEL, ctypes.addressof(label_buffer), len(encoded)),
         )
-        self._module.check("C_FindObjectsInit", self._session, template, 2)
-        found = (_CK_ULONG * 2)()
+        self._module.check("C_FindObjectsInit", session, template, 2)
+        found = (_CK_ULONG * limit)()
         count = _CK_ULONG(0)
         try:
-            self._module.check("C_FindObjects", self._session, found, 2, ctypes.byref(count))
+            self._module.check("C_FindObjects", session, found, limit, ctypes.byref(count))
         finally:
-            self._module.call("C_FindObjectsFinal", self._session)
-        if count.value == 0:
-            raise KeyNotFound(f"no key labelled {label!r} in token {self.token_label!r}")
-        if count.value > 1:
-            raise KeyNotFound(f"several keys labelled {label!r} in token {self.token_label!r}")
-        self._keys[label] = int(found[0])
-        return int(found[0])
+            self._module.call("C_FindObjectsFinal", session)
+        return [int(handle) for handle in found[: count.value]]
 
     def has_key(self, label: str) -> bool:
         try:
@@ -360,6 +376,69 @@ class Hsm:
             del target
         if length.value != DERIVED_KEY_BYTES:
             raise HsmError(f"C_Sign returned {length.value} bytes, expected {DERIVED_KEY_BYTES}")
+
+    # -- data objects (the store's anchor) -------------------------------------
+
+    def read_data(self, label: str) -> list[bytes]:
+        """The values of the token's data objects (CKO_DATA) labelled `label`:
+        none, one, or (after a crash inside `replace_data`) two."""
+        return self._with_reconnect(lambda: self._with_rw_session(lambda s: self._read_data(s, label)))
+
+    def replace_data(self, label: str, value: bytes) -> None:
+        """Create a data object `label` (a private token object) holding
+        `value`, then destroy the ones of that label that were there before.
+
+        Not a change of the old object's value: SoftHSM2 refuses that
+        (CKA_VALUE is read-only once set), and there is never a moment
+        without an object.
+        """
+        self._with_reconnect(lambda: self._with_rw_session(lambda s: self._replace_data(s, label, value)))
+
+    def _with_rw_session(self, call: Callable[[int], T]) -> T:
+        """Run `call` on a read-write session of its own, closed after it. The
+        login covers every session of the module instance, and the session that
+        derives keys stays as it is (it may hold an armed sign operation)."""
+        session = _CK_ULONG(0)
+        slots = self._module.slots_with_label(self.token_label)
+        if len(slots) != 1:
+            raise _TokenGone(f"token {self.token_label!r} not found")
+        self._module.check(
+            "C_OpenSession", slots[0], _CKF_RW_SESSION | _CKF_SERIAL_SESSION, None, None, ctypes.byref(session)
+        )
+        try:
+            return call(session.value)
+        finally:
+            self._module.call("C_CloseSession", session)
+
+    def _read_data(self, session: int, label: str) -> list[bytes]:
+        values = []
+        for handle in self._find(session, _CKO_DATA, label, limit=_MAX_DATA_OBJECTS):
+            template = (_Attribute * 1)(_Attribute(_CKA_VALUE, None, 0))
+            self._module.check("C_GetAttributeValue", session, handle, template, 1)
+            buffer = ctypes.create_string_buffer(max(template[0].value_len, 1))
+            template[0].value = ctypes.addressof(buffer)
+            self._module.check("C_GetAttributeValue", session, handle, template, 1)
+            values.append(buffer.raw[: template[0].value_len])
+        return values
+
+    def _replace_data(self, session: int, label: str, value: bytes) -> None:
+        old = self._find(session, _CKO_DATA, label, limit=_MAX_DATA_OBJECTS)
+        encoded = label.encode()
+        label_buffer = ctypes.create_string_buffer(encoded, len(encoded))
+        value_buffer = ctypes.create_string_buffer(value, len(value))
+        class_value = _CK_ULONG(_CKO_DATA)
+        true = ctypes.c_ubyte(_CK_TRUE)
+        template = (_Attribute * 5)(
+            _Attribute(_CKA_CLASS, ctypes.addressof(class_value), ctypes.sizeof(class_value)),
+            _Attribute(_CKA_TOKEN, ctypes.addressof(true), 1),
+            _Attribute(_CKA_PRIVATE, ctypes.addressof(true), 1),
+            _Attribute(_CKA_LABEL, ctypes.addressof(label_buffer), len(encoded)),
+            _Attribute(_CKA_VALUE, ctypes.addressof(value_buffer), len(value)),
+        )
+        created = _CK_ULONG(0)
+        self._module.check("C_CreateObject", session, template, 5, ctypes.byref(created))
+        for handle in old:
+            self._module.check("C_DestroyObject", session, handle)
 
     def close(self) -> None:
         self._disarm()

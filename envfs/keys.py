@@ -11,7 +11,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from hmac import compare_digest
 from typing import NamedTuple
 
@@ -80,6 +82,13 @@ class KeyRing:
         if self._hsm_thread is None:
             self._hsm_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="envfs-key-prefetch")
         return self._hsm_thread
+
+    @contextmanager
+    def token(self) -> Iterator[Hsm]:
+        """The HSM session for a call that is not a derivation (the store's
+        anchor), in turn with the key thread."""
+        with self._hsm_lock:
+            yield self.hsm
 
     def check_value(self, key_version: int) -> str:
         with self._derive(key_version, kdf.key_check_info(self.superblock.uuid, key_version)) as secret:

@@ -2,9 +2,10 @@
 
 `mount()` validates everything it can before it starts the daemon, so a
 refusal changes nothing; the daemon (a new process, `envfs.daemon`, or this
-process with --foreground) then opens the HSM, checks the keys, takes the
-store lock, mounts, and tells the waiting parent "ready" or the error through
-a pipe. PKCS#11 modules are only ever loaded in the daemon.
+process with --foreground) then takes the store lock, opens the HSM, checks
+the keys and the store's anchor, mounts, and tells the waiting parent
+"ready" or the error through a pipe. PKCS#11 modules are only ever loaded in
+the daemon.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import pyfuse3
 import trio
 
 from . import embedded, errors
+from .anchor import Anchor
 from .errors import BadMountpoint, CorruptStore, EnvfsError, MountFailed, NotMounted
 from .fs import USAGE_WARNING_SECONDS, Operations, ThrottledWarning, delete_inode
 from .hsm import Hsm
@@ -200,6 +202,9 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
             keys = KeyRing(hsm, superblock)
             stack.callback(keys.close)
             keys.verify()
+            anchor = Anchor(keys, store)
+            anchor.begin()
+            stack.callback(anchor.end)  # after the metadata's close, registered below
             metadata = Metadata(store.metadata_path, keys.metadata_mac())
             stack.callback(metadata.close)
             superblock.check_metadata_key_version(metadata.rows_key_version())

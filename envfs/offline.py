@@ -14,7 +14,8 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
-from .errors import CorruptStore, StoreReadOnly
+from .anchor import Anchor
+from .errors import CorruptStore, StoreReadOnly, StoreRolledBack
 from .hsm import HsmAdmin
 from .keys import KeyRing
 from .metadata import Metadata
@@ -36,7 +37,13 @@ class OfflineStore:
         self._keys_stack: ExitStack | None = None
         self._keys: KeyRing | None = None
         self._metadata: Metadata | None = None
+        self._anchor: Anchor | None = None
         self._access: TokenAccess | None = None
+        # fsck: why meta.db is not what the store's HSM anchor describes (then
+        # fsck reports it, and leaves the anchor as it is).
+        self.anchor_problem: str | None = None
+        # reanchor: take the store as it is for the anchor's new state.
+        self.accept_store = False
         # fsck reads a store on a read-only filesystem (a snapshot, a backup)
         # without the lock: nothing can change it there.
         self.read_only = False
@@ -62,7 +69,8 @@ class OfflineStore:
         self._stack.close()
 
     def keys(self) -> KeyRing:
-        """A key ring on a logged-in session, its keys checked against the superblock."""
+        """A key ring on a logged-in session, its keys checked against the
+        superblock, and the store against its HSM anchor."""
         if self._keys is None:
             assert self._access is not None, "use OfflineStore in a with statement"
             stack = ExitStack()
@@ -70,6 +78,8 @@ class OfflineStore:
                 keys = KeyRing(hsm_for(self._access, stack, self._pin), self.superblock)
                 stack.callback(keys.close)
                 keys.verify()
+                # Before the tool changes anything, in the token or the store.
+                self._begin_anchor(keys)
             except BaseException:
                 stack.close()
                 raise
@@ -101,14 +111,38 @@ class OfflineStore:
             self._metadata = metadata
         return self._metadata
 
+    def _begin_anchor(self, keys: KeyRing) -> None:
+        """Check the store against its HSM anchor before meta.db is opened (and
+        before a rotation generates a key), and mark the anchor in use
+        (FORMAT.md section 12). fsck reports a store that fails the check
+        instead of refusing it; a store on read-only media is only checked."""
+        anchor = Anchor(keys, self.store)
+        if self.read_only:
+            self.anchor_problem = anchor.problem(anchor.read())
+            return
+        try:
+            anchor.begin(accept=self.accept_store)
+        except StoreRolledBack as e:
+            if self._operation != "fsck":
+                raise
+            self.anchor_problem = str(e)
+            return
+        self._anchor = anchor
+
     def close_keys(self) -> None:
-        """Close the metadata and the key ring (their keys are wiped)."""
-        if self._metadata is not None:
-            self._metadata.close()
-            self._metadata = None
-        if self._keys_stack is not None:
-            self._keys_stack.close()
-            self._keys_stack = self._keys = None
+        """Close the metadata (recording its new state in the HSM anchor) and
+        the key ring (their keys are wiped)."""
+        try:
+            if self._metadata is not None:
+                metadata, self._metadata = self._metadata, None
+                metadata.close()
+        finally:
+            if self._anchor is not None:
+                anchor, self._anchor = self._anchor, None
+                anchor.end()  # leaves the anchor in use if meta.db was not closed whole
+            if self._keys_stack is not None:
+                stack, self._keys_stack, self._keys = self._keys_stack, None, None
+                stack.close()
 
     @contextmanager
     def admin(self) -> Iterator[HsmAdmin]:

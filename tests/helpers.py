@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
+from envfs import embedded
+
 ENVFS = [sys.executable, "-m", "envfs"]
 PIN = "test-pin-1234"
 
@@ -36,6 +38,40 @@ def flip(path: Path, offset: int) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0x01]))
+
+
+_TOKEN_SCRIPT = """
+import json, sys
+import pkcs11
+from pkcs11 import Attribute, ObjectClass
+module, label, action, value = sys.argv[1:5]
+token = pkcs11.lib(module).get_token(token_label="envfs")
+with token.open(rw=True, user_pin=sys.stdin.read()) as session:
+    found = list(session.get_objects({Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}))
+    print(json.dumps([obj[Attribute.VALUE].hex() for obj in found]))
+    if action == "destroy":
+        for obj in found:
+            obj.destroy()
+    elif action == "add":
+        session.create_object({Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
+                               Attribute.PRIVATE: True, Attribute.LABEL: label,
+                               Attribute.VALUE: bytes.fromhex(value)})
+"""
+
+
+def anchor_objects(env: Envfs, action: str = "read", value: str = "") -> list[bytes]:
+    """The values of the store's anchor objects (FORMAT.md 12) in its embedded
+    token, before `action`: "read", "destroy" (them all) or "add" (one holding
+    `value`, hex). python-pkcs11 on SoftHSM2 directly, in a child process: a
+    PKCS#11 module is not fork-safe, and this process must not keep it loaded."""
+    uuid = json.loads((env.store / "envfs.json").read_text())["uuid"]
+    module = next(p for p in embedded.SOFTHSM_MODULE_CANDIDATES if os.path.exists(p))
+    child_env = dict(env.env, SOFTHSM2_CONF=str(env.data_home / "envfs" / "softhsm" / "softhsm2.conf"))
+    result = subprocess.run(
+        [sys.executable, "-c", _TOKEN_SCRIPT, module, f"envfs-{uuid}-anchor", action, value],
+        input=PIN, env=child_env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return [bytes.fromhex(v) for v in json.loads(result.stdout)]
 
 
 class Envfs:
@@ -79,6 +115,13 @@ class Envfs:
     def remount(self) -> None:
         self.unmount()
         self.mount()
+
+    def forget_anchor(self) -> None:
+        """Destroy the store's anchor in the token, as if the store had been made
+        before anchors: for a test of what the metadata's own MACs catch when
+        the anchor cannot help (after a crash, or on a token without one), or
+        of a copy of a store that shares its token with the original."""
+        anchor_objects(self, "destroy")
 
     def daemon_pid(self) -> int:
         holder = json.loads((self.store / "lock").read_text() or "{}")

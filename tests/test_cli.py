@@ -943,6 +943,7 @@ EXIT_CODES = {
     "StoreBusy": 24,
     "RotationUnfinished": 25,
     "StoreReadOnly": 26,
+    "StoreRolledBack": 27,
     "BadMountpoint": 30,
     "MountFailed": 31,
     "NotMounted": 32,

@@ -216,12 +216,17 @@ def test_data_file_cut_short_fails_for_missing_blocks(live: Envfs) -> None:
 
 
 def edit_db(env: Envfs, sql: str, *args: object) -> None:
+    """Edit meta.db behind envfs's back. The HSM anchor would refuse the whole
+    store at the next mount (test_anchor.py); these tests are about what each
+    row's own MAC and digests catch where the anchor cannot help (after a
+    crash, or on a token without one), so the anchor goes too."""
     db = sqlite3.connect(env.store / "meta.db")
     try:
         with db:
             assert db.execute(sql, args).rowcount == 1
     finally:
         db.close()
+    env.forget_anchor()
 
 
 INODE_EDITS = [

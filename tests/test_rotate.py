@@ -172,7 +172,11 @@ def test_retire_shreds_old_copies(tree: tuple[Envfs, Manifest]) -> None:
     old.__dict__.update(env.__dict__, store=backup, mnt=env.root / "mnt-backup", log=env.root / "backup.log")
     old.mnt.mkdir()
     try:
+        # The copy shares the store's anchor: mounting it is a restore made on
+        # purpose, and afterwards the store itself is the copy to take back.
+        old.run("reanchor", str(backup))
         assert mounted_manifest(old) == before
+        env.run("reanchor", str(env.store))
         result = env.run("retire", str(env.store))
         assert "retired key versions: 1" in result.stdout
         assert [k["version"] for k in env.status()["key_versions"]] == [2]
@@ -266,7 +270,9 @@ def test_rotation_killed_at_any_moment_resumes(store: Envfs) -> None:
     duration = time.monotonic() - started
     shutil.rmtree(full)
     # The copy's rotation made the token's key for version 2 (same store UUID);
-    # the rotation below must treat it as one an interrupted run made.
+    # the rotation below must treat it as one an interrupted run made. It also
+    # moved the anchor the two share on to the copy's metadata.
+    store.forget_anchor()
     rng = random.Random(1)
     kills = 0
     for _ in range(8):

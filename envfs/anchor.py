@@ -1,0 +1,184 @@
+"""The store's anchor in the HSM: an older copy of the store is refused.
+
+Every row of meta.db is authenticated, but so is every row of an older copy
+of it: a store put back from a backup or snapshot, or meta.db alone, reads as
+if nothing had happened since. The anchor is a data object in the token,
+beside the master keys and out of the reach of anyone who has only the
+store, that says what meta.db was when its last writer closed it: the
+SHA-256 of the file. Every writer of meta.db (a mount, `rotate`, `retire`,
+`fsck`, `reanchor`) works between `begin` and `end`:
+
+- `begin`, before meta.db is opened: a store whose meta.db is not the file
+  the anchor describes is refused (`StoreRolledBack`); then the anchor is
+  marked "in use", so that it never describes a file that is changing.
+- `end`, once meta.db is closed with nothing left in its -wal file: the
+  anchor gets the new digest and the next generation.
+
+A writer that died (SIGKILL, a power cut) leaves the anchor "in use": the
+next `begin` cannot tell the store it left from an older copy, accepts it and
+logs that. Byte layout and rules: docs/FORMAT.md, section 12.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CorruptStore, HsmError, StoreRolledBack
+from .keys import KeyRing
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+ANCHOR_VERSION = 1
+CLEAN = 0  # meta.db is the file `digest` describes
+IN_USE = 1  # a writer has the store (or died with it): `digest` is the last clean one
+# version (u8) || state (u8) || generation (u64 BE) || SHA-256 of meta.db (32 bytes)
+_LAYOUT = struct.Struct(">BBQ32s")
+_NO_DIGEST = bytes(32)
+
+
+def anchor_label(store_uuid: object) -> str:
+    """The label of a store's anchor object in its token."""
+    return f"envfs-{store_uuid}-anchor"
+
+
+@dataclass(frozen=True)
+class AnchorValue:
+    """What the anchor object holds."""
+
+    state: int
+    generation: int  # +1 at every clean close; for messages and `status`
+    digest: bytes
+
+    def order(self) -> int:
+        """Later states are larger: clean g < in use g < clean g + 1."""
+        return 2 * self.generation + (self.state == IN_USE)
+
+    def pack(self) -> bytes:
+        return _LAYOUT.pack(ANCHOR_VERSION, self.state, self.generation, self.digest)
+
+    @classmethod
+    def unpack(cls, raw: bytes, label: str) -> AnchorValue:
+        if len(raw) != _LAYOUT.size:
+            raise CorruptStore(f"HSM anchor {label!r}: {len(raw)} bytes, expected {_LAYOUT.size}")
+        version, state, generation, digest = _LAYOUT.unpack(raw)
+        if version != ANCHOR_VERSION or state not in (CLEAN, IN_USE):
+            raise CorruptStore(f"HSM anchor {label!r}: unknown version {version} or state {state}")
+        return cls(state, generation, digest)
+
+
+def metadata_digest(path: Path) -> bytes:
+    """SHA-256 of meta.db's bytes."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise CorruptStore(f"{path}: metadata database missing") from None
+    return digest.digest()
+
+
+def _wal_path(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+class Anchor:
+    """The anchor of one store, read and written through its key ring's token."""
+
+    def __init__(self, keys: KeyRing, store: Store) -> None:
+        self._keys = keys
+        self._store = store
+        self.label = anchor_label(keys.superblock.uuid)
+        self._begun: AnchorValue | None = None  # set by `begin`: what `end` moves on from
+
+    def read(self) -> AnchorValue | None:
+        """The anchor as the token holds it; None for a store that has none yet.
+        Of two objects (a writer died while replacing one) the later counts."""
+        with self._keys.token() as hsm:
+            values = [AnchorValue.unpack(raw, self.label) for raw in hsm.read_data(self.label)]
+        return max(values, key=AnchorValue.order, default=None)
+
+    def _write(self, value: AnchorValue) -> None:
+        with self._keys.token() as hsm:
+            hsm.replace_data(self.label, value.pack())
+
+    def problem(self, value: AnchorValue | None) -> str | None:
+        """Why meta.db is not the file a clean anchor describes; None if it is,
+        or if the anchor cannot tell (none yet, or in use)."""
+        if value is None or value.state != CLEAN:
+            return None
+        if metadata_digest(self._store.metadata_path) == value.digest:
+            return None
+        return (
+            f"{self._store.metadata_path} is not the file envfs left at the last clean close "
+            f"(HSM anchor {self.label!r}, generation {value.generation}): the store was put back "
+            f"to an older copy or replaced; if that was done on purpose, run 'envfs reanchor {self._store.path}'"
+        )
+
+    def begin(self, *, accept: bool = False) -> None:
+        """Before meta.db is opened for writing: refuse a store that is not what
+        the anchor says (unless `accept`: an operator's restore), then mark the
+        anchor in use."""
+        value = self.read()
+        if value is None:
+            log.info("the store has no HSM anchor yet; it gets one (%s)", self.label)
+        elif value.state == IN_USE:
+            log.warning(
+                "the store's last writer did not close it (a crash?): its metadata cannot be checked "
+                "against the HSM anchor this time"
+            )
+        elif not accept and (problem := self.problem(value)) is not None:
+            raise StoreRolledBack(problem)
+        elif not accept:
+            # Everything was checkpointed before the anchor was written: a -wal
+            # file now is a resurrected, already merged one, or someone else's.
+            self._remove_sidecars()
+        begun = AnchorValue(IN_USE, value.generation if value else 0, value.digest if value else _NO_DIGEST)
+        try:
+            self._write(begun)
+        except HsmError as e:
+            if value is not None:
+                raise  # the anchor would describe a file about to change
+            log.warning("the token cannot hold the store's HSM anchor (%s): a store put back to an older copy "
+                        "is not detected", e)  # fmt: skip
+            return
+        self._begun = begun
+
+    def end(self) -> None:
+        """Once meta.db is closed: record its digest as the new clean state.
+
+        Left "in use" when meta.db was not closed whole (a -wal file with
+        frames in it) or the token cannot be written: the next `begin` then
+        accepts the store as after a crash.
+        """
+        begun, self._begun = self._begun, None
+        if begun is None:
+            return
+        wal = _wal_path(self._store.metadata_path)
+        try:
+            if wal.exists() and wal.stat().st_size > 0:
+                log.warning("meta.db was not closed cleanly (%s remains); the HSM anchor stays 'in use'", wal.name)
+                return
+            self._write(AnchorValue(CLEAN, begun.generation + 1, metadata_digest(self._store.metadata_path)))
+        except (HsmError, CorruptStore, OSError) as e:
+            log.warning("HSM anchor not updated (%s); it stays 'in use'", e)
+
+    def create(self) -> None:
+        """For a new store: its first clean anchor."""
+        self._begun = AnchorValue(IN_USE, 0, _NO_DIGEST)
+        self.end()
+
+    def _remove_sidecars(self) -> None:
+        path = self._store.metadata_path
+        for sidecar in (_wal_path(path), path.with_name(path.name + "-shm")):
+            try:
+                os.unlink(sidecar)
+            except FileNotFoundError:
+                continue
+            log.info("removed %s left beside a cleanly closed meta.db", sidecar.name)
