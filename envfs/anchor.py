@@ -40,6 +40,9 @@ IN_USE = 1  # a writer has the store (or died with it): `digest` is the last cle
 # version (u8) || state (u8) || generation (u64 BE) || SHA-256 of meta.db (32 bytes)
 _LAYOUT = struct.Struct(">BBQ32s")
 _NO_DIGEST = bytes(32)
+_UNCHECKED = (
+    "the store's last writer did not close it (a crash?): its metadata cannot be checked against the HSM anchor"
+)
 
 
 def anchor_label(store_uuid: object) -> str:
@@ -108,9 +111,10 @@ class Anchor:
         with self._keys.token() as hsm:
             hsm.replace_data(self.label, value.pack())
 
-    def problem(self, value: AnchorValue | None) -> str | None:
-        """Why meta.db is not the file a clean anchor describes; None if it is,
-        or if the anchor cannot tell (none yet, or in use)."""
+    def problem(self, value: AnchorValue | None, remedy: str | None = None) -> str | None:
+        """Why meta.db is not the file a clean anchor describes, with what to do
+        about it (by default: `envfs reanchor`); None if it is, or if the anchor
+        cannot tell (none yet, or in use)."""
         if value is None or value.state != CLEAN:
             return None
         if metadata_digest(self._store.metadata_path) == value.digest:
@@ -118,8 +122,19 @@ class Anchor:
         return (
             f"{self._store.metadata_path} is not the file envfs left at the last clean close "
             f"(HSM anchor {self.label!r}, generation {value.generation}): the store was put back "
-            f"to an older copy or replaced; if that was done on purpose, run 'envfs reanchor {self._store.path}'"
+            f"to an older copy or replaced; "
+            + (remedy or f"if that was done on purpose, run 'envfs reanchor {self._store.path}'")
         )
+
+    def check(self, *, remedy: str) -> None:
+        """For a reader that changes nothing (a read-only mount): refuse a store
+        that is not what a clean anchor describes, naming `remedy`; the anchor
+        stays as it is."""
+        value = self.read()
+        if value is not None and value.state == IN_USE:
+            log.warning(_UNCHECKED)
+        if (problem := self.problem(value, remedy)) is not None:
+            raise StoreRolledBack(problem)
 
     def begin(self, *, accept: bool = False) -> None:
         """Before meta.db is opened for writing: refuse a store that is not what
@@ -129,10 +144,7 @@ class Anchor:
         if value is None:
             log.info("the store has no HSM anchor yet; it gets one (%s)", self.label)
         elif value.state == IN_USE:
-            log.warning(
-                "the store's last writer did not close it (a crash?): its metadata cannot be checked "
-                "against the HSM anchor this time"
-            )
+            log.warning(_UNCHECKED)
         elif not accept and (problem := self.problem(value)) is not None:
             raise StoreRolledBack(problem)
         elif not accept:

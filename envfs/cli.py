@@ -151,9 +151,11 @@ def _read_master_key(path: str) -> bytes:
 
 
 def cmd_mount(args: argparse.Namespace) -> None:
+    if args.copy and not args.read_only:
+        raise UsageError("--copy mounts an older copy of a store read-only: it needs --read-only")
     options = MountOptions(
         foreground=args.foreground, allow_other=args.allow_other, debug=args.debug, log_file=args.log,
-        rekey_after=_rekey_override(),
+        rekey_after=_rekey_override(), read_only=args.read_only, copy=args.copy,
     )  # fmt: skip
     store = Store(args.store)
     store.read_superblock()  # refuse a non-store before asking for a PIN
@@ -204,7 +206,9 @@ def _status_of(store: Store) -> dict[str, Any]:
     try:
         import sqlite3
 
-        db = sqlite3.connect(f"file:{store.metadata_path}?mode=ro", uri=True)
+        # Unmounted: immutable, so that no -wal or -shm file is left in the store.
+        mode = "mode=ro" if holder else "immutable=1"
+        db = sqlite3.connect(f"file:{store.metadata_path}?{mode}", uri=True)
         try:
             info["inodes"], info["bytes"] = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM inodes").fetchone()
             info["files"] = db.execute("SELECT count(*) FROM inodes WHERE (mode & 61440) = 32768").fetchone()[0]
@@ -307,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("-f", "--foreground", action="store_true")
     p.add_argument("--allow-other", action="store_true", help="let every user in (FUSE allow_other)")
+    p.add_argument(
+        "-r", "--read-only", action="store_true",
+        help="change nothing in the store (it may be on read-only media): no writes, no access times",
+    )  # fmt: skip
+    p.add_argument(
+        "--copy", action="store_true",
+        help="with --read-only: an older copy of the store (a backup, a snapshot), not checked against "
+        "the store's anchor in the HSM, which it leaves as it is",
+    )  # fmt: skip
     p.add_argument("--pin-file", metavar="FILE")
     p.add_argument("--log", metavar="FILE", help="daemon log (default: $XDG_DATA_HOME/envfs/logs/UUID.log)")
     p.add_argument("--debug", action="store_true")

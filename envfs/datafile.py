@@ -117,7 +117,13 @@ class DataFile:
         self.length = os.fstat(fd).st_size
         self._scratch = bytearray(BLOCK_SIZE)
         if self.length > max_data_length(size):
-            self._set_length(max_data_length(size))
+            try:
+                self._set_length(max_data_length(size))
+            except OSError as e:
+                if e.errno not in (errno.EBADF, errno.EINVAL, errno.EROFS):
+                    raise
+                # Opened read-only: the bytes past the end stay, and are never read.
+                self.length = max_data_length(size)
 
     @property
     def inode_id(self) -> int:

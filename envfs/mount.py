@@ -36,7 +36,7 @@ from .errors import BadMountpoint, CorruptStore, EnvfsError, MountFailed, NotMou
 from .fs import USAGE_WARNING_SECONDS, Operations, ThrottledWarning, delete_inode
 from .hsm import Hsm
 from .keys import KeyRing
-from .metadata import GROUP_SECONDS, Metadata
+from .metadata import GROUP_SECONDS, SCHEMA_VERSION, Metadata
 from .secret import harden_process
 from .store import RESERVE_BYTES, Store, StoreLock, Superblock, busy_with
 
@@ -53,6 +53,8 @@ class MountOptions:
     debug: bool = False
     log_file: str | None = None
     rekey_after: int | None = None  # overrides the superblock (tests)
+    read_only: bool = False
+    copy: bool = False  # read-only: an older copy of the store, not checked against the anchor
 
 
 # -- finding mounts ------------------------------------------------------------
@@ -194,6 +196,7 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
     """Run the filesystem until it is unmounted. Calls `ready` once, before serving."""
     harden_process()
     os.umask(0o077)  # store files (SQLite's -wal and -shm among them) are the owner's alone
+    store.read_only = options.read_only
     with ExitStack() as stack:
         try:
             lock = store.lock(mountpoint)
@@ -202,24 +205,10 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
             keys = KeyRing(hsm, superblock)
             stack.callback(keys.close)
             keys.verify()
-            anchor = Anchor(keys, store)
-            anchor.begin()
-            stack.callback(anchor.end)  # after the metadata's close, registered below
-            metadata = Metadata(store.metadata_path, keys.metadata_mac())
-            stack.callback(metadata.close)
-            superblock.check_metadata_key_version(metadata.rows_key_version())
-            if store.free_bytes() < RESERVE_BYTES:
-                store.release_reserve()  # a full disk: the reserve is there for this
-            try:
-                metadata.upgrade()
-                recover(store, metadata)
-                metadata.set_setting("mounted", 1)
-                metadata.sync()
-            except sqlite3.Error as e:
-                if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
-                    raise CorruptStore(f"{store.metadata_path}: metadata database damaged: {e}") from e
-                raise MountFailed(f"{store.metadata_path}: cannot record the mount: {e}") from e
-            metadata.group_commits()
+            if options.read_only:
+                metadata = _open_read_only(store, superblock, keys, options.copy, stack)
+            else:
+                metadata = _open_for_writing(store, superblock, keys, stack)
             names = keys.name_cipher()
             # One pending wake-up is enough: the task does all that is waiting.
             after_reply_send, after_reply_receive = trio.open_memory_channel[None](1)
@@ -227,10 +216,12 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
                 store, metadata, keys, names,
                 rekey_after=min(options.rekey_after or superblock.rekey_after_block_writes,
                                 superblock.rekey_after_block_writes),
-                wake_after_reply=functools.partial(_wake, after_reply_send),
+                wake_after_reply=functools.partial(_wake, after_reply_send), read_only=options.read_only,
             )  # fmt: skip
             fuse_options = set(pyfuse3.default_options)
             fuse_options |= {f"fsname=envfs:{_escape_option(str(store.path))}", "subtype=envfs"}
+            if options.read_only:
+                fuse_options.add("ro")
             if options.allow_other:
                 fuse_options.add("allow_other")
             if options.debug:
@@ -249,8 +240,9 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
             pyfuse3.close(unmount=not clean)
             try:
                 operations.destroy()
-                metadata.set_setting("mounted", 0)
-                metadata.sync()
+                if not options.read_only:
+                    metadata.set_setting("mounted", 0)
+                    metadata.sync()
             except (OSError, sqlite3.Error) as e:
                 # A full or failing backing filesystem: what was not committed is
                 # lost as in a crash, and the store stays marked as mounted, so
@@ -267,6 +259,52 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         # A signal ends the session with the filesystem still mounted.
         clean = not signals
         log.info("unmounted %s", mountpoint)
+
+
+def _open_for_writing(store: Store, superblock: Superblock, keys: KeyRing, stack: ExitStack) -> Metadata:
+    """The metadata of a read-write mount: the store checked against its
+    anchor, which says "in use" until the metadata is closed; upgraded,
+    recovered after a crash, and marked as mounted."""
+    anchor = Anchor(keys, store)
+    anchor.begin()
+    stack.callback(anchor.end)  # after the metadata's close, registered below
+    metadata = Metadata(store.metadata_path, keys.metadata_mac())
+    stack.callback(metadata.close)
+    superblock.check_metadata_key_version(metadata.rows_key_version())
+    if store.free_bytes() < RESERVE_BYTES:
+        store.release_reserve()  # a full disk: the reserve is there for this
+    try:
+        metadata.upgrade()
+        recover(store, metadata)
+        metadata.set_setting("mounted", 1)
+        metadata.sync()
+    except sqlite3.Error as e:
+        if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+            raise CorruptStore(f"{store.metadata_path}: metadata database damaged: {e}") from e
+        raise MountFailed(f"{store.metadata_path}: cannot record the mount: {e}") from e
+    metadata.group_commits()
+    return metadata
+
+
+def _open_read_only(store: Store, superblock: Superblock, keys: KeyRing, copy: bool, stack: ExitStack) -> Metadata:
+    """The metadata of a read-only mount, as it is: nothing in the store or
+    the anchor changes. The store is checked against its anchor unless it is
+    a `copy` (a backup or snapshot, older than the store the anchor follows)."""
+    if not copy:
+        Anchor(keys, store).check(remedy="to read an older copy of the store, mount it with --read-only --copy")
+    metadata = Metadata(store.metadata_path, keys.metadata_mac(), read_only=True)
+    stack.callback(metadata.close)
+    superblock.check_metadata_key_version(metadata.rows_key_version())
+    if metadata.schema_version != SCHEMA_VERSION:
+        raise MountFailed(
+            f"{store.metadata_path}: metadata schema version {metadata.schema_version} is upgraded by the "
+            "first read-write mount (or envfs fsck); a read-only mount cannot"
+        )
+    wal = store.metadata_path.with_name(store.metadata_path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        log.warning("%s holds changes a crash left unmerged; a read-only mount does not see them "
+                    "(the next read-write mount merges them)", wal.name)  # fmt: skip
+    return metadata
 
 
 async def _main(
@@ -494,19 +532,29 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> None:
     entry = find_mount(mountpoint)
     if entry is None:
         raise NotMounted(f"{os.path.abspath(mountpoint)} is not an envfs mount")
-    holder = store_of_source(entry.source).lock_holder()
+    store = store_of_source(entry.source)
+    holder = store.lock_holder()
     pid = holder.get("pid") if holder else None
-    lazy = ["-z"] if pid is None else []
+    # No holder: the daemon is dead, and only a lazy unmount clears its mount.
+    lazy = ["-z"] if holder is None else []
     result = subprocess.run(["fusermount3", "-u", *lazy, entry.mountpoint], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "fusermount3 failed"
         raise MountFailed(f"unmounting {entry.mountpoint}: {message}")
-    if isinstance(pid, int):
-        deadline = time.monotonic() + timeout
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                raise MountFailed(f"the envfs daemon (pid {pid}) did not exit within {timeout:.0f} s")
-            time.sleep(0.02)
+
+    def running() -> bool:
+        if isinstance(pid, int):
+            return _alive(pid)
+        # A read-only mount of a store on read-only media holds the lock
+        # without a record of its pid: it has exited when the lock is free.
+        return holder is not None and store.lock_holder() is not None
+
+    deadline = time.monotonic() + timeout
+    while running():
+        if time.monotonic() > deadline:
+            which = f" (pid {pid})" if isinstance(pid, int) else ""
+            raise MountFailed(f"the envfs daemon{which} did not exit within {timeout:.0f} s")
+        time.sleep(0.02)
 
 
 def _alive(pid: int) -> bool:

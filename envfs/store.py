@@ -156,6 +156,9 @@ class Store:
         self._data_prefix = f"{self.data_path}/"
         self.lock_path = self.path / LOCK
         self.reserve_path = self.path / RESERVE
+        # A read-only mount sets this: data files are opened read-only, and
+        # the space reserve is neither made nor given up.
+        self.read_only = False
 
     def read_superblock(self) -> Superblock:
         if not self.path.is_dir():
@@ -209,6 +212,14 @@ class Store:
 
     def open_data_file(self, inode_id: int, key_version: int, key_epoch: int, *, create: bool) -> int:
         path = self._data_file(inode_id, key_version, key_epoch)
+        if self.read_only:
+            try:
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                # An empty file that never had a data file: nothing to read.
+                return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         try:
             return os.open(path, flags, 0o600)
@@ -256,7 +267,7 @@ class Store:
 
     def keep_reserve(self) -> None:
         """Hold RESERVE_BYTES of allocated space, if the disk has them to spare."""
-        if self.reserve_path.exists():
+        if self.read_only or self.reserve_path.exists():
             return
         free = os.statvfs(self.path)
         if free.f_bavail * free.f_frsize < 4 * RESERVE_BYTES:
@@ -276,6 +287,8 @@ class Store:
 
     def release_reserve(self) -> bool:
         """Free the reserve (the disk is full); True if there was one."""
+        if self.read_only:
+            return False
         try:
             os.unlink(self.reserve_path)
         except FileNotFoundError:
@@ -286,13 +299,28 @@ class Store:
 
     def lock(self, mountpoint: str | None, operation: str = "mount") -> StoreLock:
         """Take the store's lock for a mount (or an operator tool, `operation`
-        "rotate", "retire" or "fsck", with no mountpoint); StoreBusy if a live process holds it."""
+        "rotate", "retire" or "fsck", with no mountpoint); StoreBusy if a live process holds it.
+
+        A read-only mount of a store on read-only media locks the lock file
+        it finds without writing a record into it, or goes without a lock
+        where there is no lock file: nothing can change such a store.
+        """
+        record = True
         try:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            if e.errno == errno.EROFS:
-                raise StoreReadOnly(f"{self.path} is on a read-only filesystem: envfs {operation} must write it") from e
-            raise
+            if e.errno != errno.EROFS:
+                raise
+            if not self.read_only:
+                hint = " (envfs mount --read-only reads it)" if operation == "mount" else ""
+                raise StoreReadOnly(
+                    f"{self.path} is on a read-only filesystem: envfs {operation} must write it{hint}"
+                ) from e
+            try:
+                fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return StoreLock(-1, mountpoint, operation, record=False)
+            record = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -302,7 +330,7 @@ class Store:
             raise
         try:
             try:
-                return StoreLock(fd, mountpoint, operation)
+                return StoreLock(fd, mountpoint, operation, record=record)
             except OSError as e:
                 # An emptied lock record needs a block again: on a full disk the
                 # reserve is there for this, or nothing could be mounted to free space.
@@ -350,13 +378,16 @@ class StoreLock:
 
     _RECORD_SIZE = 4096  # JSON padded with blanks: a reader never sees a torn record
 
-    def __init__(self, fd: int, mountpoint: str | None, operation: str = "mount") -> None:
+    def __init__(self, fd: int, mountpoint: str | None, operation: str = "mount", *, record: bool = True) -> None:
         self.fd = fd
         self.mountpoint = mountpoint
         self.operation = operation
+        self._record = record  # False: a lock file on read-only media, or none
         self.update()
 
     def update(self, counters: dict[str, int] | None = None) -> None:
+        if not self._record:
+            return
         record: dict[str, Any] = {"pid": os.getpid(), "mountpoint": self.mountpoint}
         if self.operation != "mount":
             record["operation"] = self.operation
@@ -367,7 +398,8 @@ class StoreLock:
 
     def release(self) -> None:
         if self.fd >= 0:
-            os.ftruncate(self.fd, 0)
+            if self._record:
+                os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = -1
 

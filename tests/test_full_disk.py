@@ -201,7 +201,8 @@ def test_mount_on_a_disk_filled_after_a_clean_unmount(small_store: Envfs) -> Non
 
 def test_store_on_a_read_only_filesystem(small_store: Envfs) -> None:
     """A store on read-only media (a snapshot, a backup): mount and rotate refuse in one
-    line, fsck reads and checks it without the lock, and nothing of it changes."""
+    line, fsck reads and checks it without the lock, a read-only mount serves it, and
+    nothing of it changes."""
     keep = os.urandom(50_000)
     (small_store.mnt / "keep").write_bytes(keep)
     small_store.unmount()
@@ -213,9 +214,15 @@ def test_store_on_a_read_only_filesystem(small_store: Envfs) -> None:
             result = small_store.run(*command, check=False)
             assert result.returncode == 26, result.stderr
             assert len(result.stderr.strip().splitlines()) == 1 and "read-only" in result.stderr
+            assert "--read-only" in result.stderr or command[0] != "mount"
         result = small_store.run("fsck", str(small_store.store), check=False)
         assert result.returncode == 0, result.stderr + result.stdout
         assert "damaged:   0" in result.stdout
+        small_store.mount("--read-only")
+        try:
+            assert (small_store.mnt / "keep").read_bytes() == keep
+        finally:
+            small_store.unmount()
         assert sorted((p.name, p.stat().st_size) for p in small_store.store.rglob("*")) == before
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(backing)], check=True)
