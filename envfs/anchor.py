@@ -14,8 +14,11 @@ SHA-256 of the file. Every writer of meta.db (a mount, `rotate`, `retire`,
 - `end`, once meta.db is closed with nothing left in its -wal file: the
   anchor gets the new digest and the next generation.
 
-A writer that died (SIGKILL, a power cut) leaves the anchor "in use": the
-next `begin` cannot tell the store it left from an older copy, accepts it and
+A mount also settles its anchor while it is quiet: with meta.db merged and
+kept still (`Metadata.freeze`), `settle` records it as clean, and `resume`
+marks the anchor in use again before the next change. A writer that died
+(SIGKILL, a power cut) while the anchor was in use leaves it so: the next
+`begin` cannot tell the store it left from an older copy, accepts it and
 logs that. Byte layout and rules: docs/FORMAT.md, section 12.
 """
 
@@ -98,7 +101,7 @@ class Anchor:
         self._keys = keys
         self._store = store
         self.label = anchor_label(keys.superblock.uuid)
-        self._begun: AnchorValue | None = None  # set by `begin`: what `end` moves on from
+        self._written: AnchorValue | None = None  # what this writer last wrote, from `begin` to `end`
 
     def read(self) -> AnchorValue | None:
         """The anchor as the token holds it; None for a store that has none yet.
@@ -160,7 +163,43 @@ class Anchor:
             log.warning("the token cannot hold the store's HSM anchor (%s): a store put back to an older copy "
                         "is not detected", e)  # fmt: skip
             return
-        self._begun = begun
+        self._written = begun
+
+    @property
+    def settled(self) -> bool:
+        """Whether the anchor describes meta.db as it is while the store is open."""
+        return self._written is not None and self._written.state == CLEAN
+
+    def settle(self) -> None:
+        """While the store stays open, with meta.db merged and kept still until
+        the next change (`Metadata.freeze`, whose `on_change` is `resume`):
+        record it as clean, so that a crash from now on leaves a store the
+        next writer checks."""
+        written = self._written
+        if written is None or written.state == CLEAN:
+            return
+        settled = AnchorValue(CLEAN, written.generation + 1, metadata_digest(self._store.metadata_path))
+        self._write(settled)
+        self._written = settled
+
+    def resume(self) -> None:
+        """Before the first change after `settle`: the anchor is in use again.
+
+        If the token cannot be written now, the change goes ahead all the
+        same (refusing it would lose what the user was told is written), and
+        the log says so: a crash before the next clean close then makes the
+        next writer refuse the store until `envfs reanchor`.
+        """
+        written = self._written
+        if written is None or written.state == IN_USE:
+            return
+        resumed = AnchorValue(IN_USE, written.generation, written.digest)
+        try:
+            self._write(resumed)
+        except HsmError as e:
+            log.error("HSM anchor not marked in use (%s): after a crash before the next clean close, the "
+                      "store must be taken back with 'envfs reanchor'", e)  # fmt: skip
+        self._written = resumed
 
     def end(self) -> None:
         """Once meta.db is closed: record its digest as the new clean state.
@@ -169,28 +208,39 @@ class Anchor:
         frames in it) or the token cannot be written: the next `begin` then
         accepts the store as after a crash.
         """
-        begun, self._begun = self._begun, None
-        if begun is None:
+        written, self._written = self._written, None
+        if written is None:
             return
         wal = _wal_path(self._store.metadata_path)
         try:
             if wal.exists() and wal.stat().st_size > 0:
                 log.warning("meta.db was not closed cleanly (%s remains); the HSM anchor stays 'in use'", wal.name)
+                if written.state == CLEAN:
+                    self._write(AnchorValue(IN_USE, written.generation, written.digest))
                 return
-            self._write(AnchorValue(CLEAN, begun.generation + 1, metadata_digest(self._store.metadata_path)))
+            digest = metadata_digest(self._store.metadata_path)
+            if written.state == CLEAN and written.digest == digest:
+                return  # settled, and nothing changed since
+            self._write(AnchorValue(CLEAN, written.generation + 1, digest))
         except (HsmError, CorruptStore, OSError) as e:
             log.warning("HSM anchor not updated (%s); it stays 'in use'", e)
 
     def create(self) -> None:
         """For a new store: its first clean anchor."""
-        self._begun = AnchorValue(IN_USE, 0, _NO_DIGEST)
+        self._written = AnchorValue(IN_USE, 0, _NO_DIGEST)
         self.end()
 
     def _remove_sidecars(self) -> None:
         path = self._store.metadata_path
-        for sidecar in (_wal_path(path), path.with_name(path.name + "-shm")):
+        wal = _wal_path(path)
+        try:
+            if wal.stat().st_size > 0:
+                log.warning("removed %s (%d bytes) beside a meta.db its anchor describes: nothing in it was "
+                            "the store's", wal.name, wal.stat().st_size)  # fmt: skip
+        except FileNotFoundError:
+            pass
+        for sidecar in (wal, path.with_name(path.name + "-shm")):
             try:
                 os.unlink(sidecar)
             except FileNotFoundError:
-                continue
-            log.info("removed %s left beside a cleanly closed meta.db", sidecar.name)
+                pass

@@ -16,8 +16,9 @@ import stat
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, TypeVar
 
 from . import embedded
 from .anchor import Anchor
@@ -25,9 +26,21 @@ from .errors import DamageFound, EnvfsError, PinError, UsageError
 from .hsm import HsmAdmin
 from .keys import KeyRing
 from .metadata import ROOT_INODE, Metadata
-from .mount import MountOptions, envfs_mounts, find_mount, hsm_for, mount, store_of_source, token_for, unmount
+from .mount import (
+    ANCHOR_IDLE_SECONDS,
+    MountOptions,
+    envfs_mounts,
+    find_mount,
+    hsm_for,
+    mount,
+    store_of_source,
+    token_for,
+    unmount,
+)
 from .offline import OfflineStore
 from .store import HsmLocator, KeyVersion, Store, Superblock
+
+T = TypeVar("T")
 
 log = logging.getLogger("envfs")
 
@@ -155,25 +168,36 @@ def cmd_mount(args: argparse.Namespace) -> None:
         raise UsageError("--copy mounts an older copy of a store read-only: it needs --read-only")
     options = MountOptions(
         foreground=args.foreground, allow_other=args.allow_other, debug=args.debug, log_file=args.log,
-        rekey_after=_rekey_override(), read_only=args.read_only, copy=args.copy,
+        rekey_after=_rekey_override(), read_only=args.read_only, copy=args.copy, anchor_idle=_anchor_idle(),
     )  # fmt: skip
     store = Store(args.store)
     store.read_superblock()  # refuse a non-store before asking for a PIN
     mount(args.store, args.mountpoint, read_pin(args.pin_file), options)
 
 
-def _rekey_override() -> int | None:
-    """ENVFS_REKEY_AFTER: a lower nonce bound for tests; it can never raise the store's."""
-    value = os.environ.get("ENVFS_REKEY_AFTER")
+def _tuning(name: str, convert: Callable[[str], T], valid: Callable[[T], bool], rule: str) -> T | None:
+    """A setting for tests from the environment variable `name`; None where it is unset."""
+    value = os.environ.get(name)
     if not value:
         return None
     try:
-        bound = int(value)
+        setting = convert(value)
     except ValueError as e:
-        raise UsageError(f"ENVFS_REKEY_AFTER must be a number, not {value!r}") from e
-    if bound < 16:
-        raise UsageError("ENVFS_REKEY_AFTER must be at least 16")
-    return bound
+        raise UsageError(f"{name} must be {rule}, not {value!r}") from e
+    if not valid(setting):
+        raise UsageError(f"{name} must be {rule}")
+    return setting
+
+
+def _rekey_override() -> int | None:
+    """ENVFS_REKEY_AFTER: a lower nonce bound for tests; it can never raise the store's."""
+    return _tuning("ENVFS_REKEY_AFTER", int, lambda bound: bound >= 16, "a number of at least 16")
+
+
+def _anchor_idle() -> float:
+    """ENVFS_ANCHOR_IDLE: seconds a mount stays quiet before its anchor is settled (tests; default 5)."""
+    seconds = _tuning("ENVFS_ANCHOR_IDLE", float, lambda s: 0.5 <= s <= 3600, "a number of seconds from 0.5 to 3600")
+    return ANCHOR_IDLE_SECONDS if seconds is None else seconds
 
 
 def cmd_unmount(args: argparse.Namespace) -> None:

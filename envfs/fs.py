@@ -452,6 +452,12 @@ class Operations(pyfuse3.Operations):
         except Exception as e:
             self.failed("commit", e)
 
+    def quiet_for(self) -> float:
+        """Seconds since the metadata last changed; 0 while changes wait to be written."""
+        if self._deferred or self._unsaved_atimes or self._request_saves:
+            return 0.0
+        return self.md.quiet_for()
+
     def counters(self) -> dict[str, int]:
         """Figures for `envfs status` and benchmarks."""
         return {

@@ -263,6 +263,9 @@ class Metadata:
         self._group_changes = 0
         self._after_commit: list[Callable[[], None]] = []
         self._next_inode_id: int | None = None
+        # Set while meta.db is frozen (`freeze`): called before the next change.
+        self._on_change: Callable[[], None] | None = None
+        self._last_change = time.monotonic()
         if not create and not os.path.exists(path):
             raise CorruptStore(f"{path}: metadata database missing")
         try:
@@ -358,6 +361,7 @@ class Metadata:
             self._begin_group()
             self.db.execute("SAVEPOINT request")
         else:
+            self._before_change()
             self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -377,6 +381,8 @@ class Metadata:
         if self._grouping:
             self._begin_group()
             self._group_changes += 1
+        elif not self.db.in_transaction:
+            self._before_change()
         return self.db.execute(sql, parameters)
 
     # -- group commits -------------------------------------------------------
@@ -396,6 +402,7 @@ class Metadata:
         if self._group_open and not self.db.in_transaction:
             self._group_lost("SQLite rolled the transaction back after an error")
         if not self._group_open:
+            self._before_change()
             self.db.execute("BEGIN IMMEDIATE")
             self._group_started = time.monotonic()
             self._group_changes = 0
@@ -426,6 +433,7 @@ class Metadata:
                 self._group_lost(str(e))
                 raise
             self._group_open = False
+            self._last_change = time.monotonic()
         actions, self._after_commit = self._after_commit, []
         for action in actions:
             try:
@@ -465,6 +473,39 @@ class Metadata:
             self._after_commit.append(action)
         else:
             action()
+
+    def quiet_for(self) -> float:
+        """Seconds since the last commit; 0 while changes wait for one."""
+        if self._group_open or self._after_commit or self._depth:
+            return 0.0
+        return time.monotonic() - self._last_change
+
+    def freeze(self, on_change: Callable[[], None]) -> bool:
+        """Merge every committed change into meta.db (nothing left in its -wal
+        file) and keep the file as it is: the next change first calls
+        `on_change`. Until then a write that does not come through this class
+        fails (PRAGMA query_only) rather than change a file that is meant to
+        stay still. False if it cannot be done now (changes wait for a commit,
+        or a reader holds the -wal file)."""
+        if self._on_change is not None:
+            return True
+        if self.quiet_for() == 0.0:
+            return False
+        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            return False
+        self.db.execute("PRAGMA query_only=1")
+        self._on_change = on_change
+        return True
+
+    def _before_change(self) -> None:
+        """Before the first change of a frozen meta.db: its `on_change`, then thaw."""
+        if self._on_change is None:
+            return
+        on_change = self._on_change
+        on_change()
+        self._on_change = None
+        self.db.execute("PRAGMA query_only=0")
 
     def sync(self) -> None:
         """Commit, and make every committed transaction durable (fsync of WAL and database)."""

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.envfs"
 READ_AHEAD_KB = 1024
+# A read-write mount whose metadata has not changed for this long has its
+# HSM anchor settled (`_settle_anchor`).
+ANCHOR_IDLE_SECONDS = 5.0
 
 
 @dataclass
@@ -55,6 +58,7 @@ class MountOptions:
     rekey_after: int | None = None  # overrides the superblock (tests)
     read_only: bool = False
     copy: bool = False  # read-only: an older copy of the store, not checked against the anchor
+    anchor_idle: float = ANCHOR_IDLE_SECONDS  # quiet seconds before the anchor is settled (tests: less)
 
 
 # -- finding mounts ------------------------------------------------------------
@@ -205,10 +209,11 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
             keys = KeyRing(hsm, superblock)
             stack.callback(keys.close)
             keys.verify()
+            anchor = Anchor(keys, store)
             if options.read_only:
-                metadata = _open_read_only(store, superblock, keys, options.copy, stack)
+                metadata = _open_read_only(store, superblock, keys, None if options.copy else anchor, stack)
             else:
-                metadata = _open_for_writing(store, superblock, keys, stack)
+                metadata = _open_for_writing(store, superblock, keys, anchor, stack)
             names = keys.name_cipher()
             # One pending wake-up is enough: the task does all that is waiting.
             after_reply_send, after_reply_receive = trio.open_memory_channel[None](1)
@@ -250,22 +255,29 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
                 log.error("unmount: the last metadata changes were not written (%s); the next mount recovers", e)
 
         stack.callback(finish)
+
+        def settle() -> None:
+            if not options.read_only:
+                _settle_anchor(operations, metadata, anchor, options.anchor_idle)
+
         log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
         ready(None)
         signals: list[int] = []
         trio.run(
-            _main, after_reply_receive, lambda: _housekeeping(store, lock, operations), operations, mountpoint, signals
-        )
+            _main, after_reply_receive, lambda: _housekeeping(store, lock, operations, settle), operations,
+            mountpoint, signals,
+        )  # fmt: skip
         # A signal ends the session with the filesystem still mounted.
         clean = not signals
         log.info("unmounted %s", mountpoint)
 
 
-def _open_for_writing(store: Store, superblock: Superblock, keys: KeyRing, stack: ExitStack) -> Metadata:
+def _open_for_writing(
+    store: Store, superblock: Superblock, keys: KeyRing, anchor: Anchor, stack: ExitStack
+) -> Metadata:
     """The metadata of a read-write mount: the store checked against its
-    anchor, which says "in use" until the metadata is closed; upgraded,
-    recovered after a crash, and marked as mounted."""
-    anchor = Anchor(keys, store)
+    anchor, which says "in use" until the metadata is closed (or settled,
+    `_settle_anchor`); upgraded, recovered after a crash, and marked as mounted."""
     anchor.begin()
     stack.callback(anchor.end)  # after the metadata's close, registered below
     metadata = Metadata(store.metadata_path, keys.metadata_mac())
@@ -286,12 +298,15 @@ def _open_for_writing(store: Store, superblock: Superblock, keys: KeyRing, stack
     return metadata
 
 
-def _open_read_only(store: Store, superblock: Superblock, keys: KeyRing, copy: bool, stack: ExitStack) -> Metadata:
+def _open_read_only(
+    store: Store, superblock: Superblock, keys: KeyRing, anchor: Anchor | None, stack: ExitStack
+) -> Metadata:
     """The metadata of a read-only mount, as it is: nothing in the store or
-    the anchor changes. The store is checked against its anchor unless it is
-    a `copy` (a backup or snapshot, older than the store the anchor follows)."""
-    if not copy:
-        Anchor(keys, store).check(remedy="to read an older copy of the store, mount it with --read-only --copy")
+    the anchor changes. The store is checked against its `anchor`, unless it
+    is a copy (None: a backup or snapshot, older than the store the anchor
+    follows)."""
+    if anchor is not None:
+        anchor.check(remedy="to read an older copy of the store, mount it with --read-only --copy")
     metadata = Metadata(store.metadata_path, keys.metadata_mac(), read_only=True)
     stack.callback(metadata.close)
     superblock.check_metadata_key_version(metadata.rows_key_version())
@@ -330,8 +345,23 @@ async def _group_commits(operations: Operations) -> None:
         operations.commit_if_due()
 
 
-def _housekeeping(store: Store, lock: StoreLock, operations: Operations) -> None:
-    """Publish the counters in the lock record; wipe an unused prefetched key; top up the space reserve.
+def _settle_anchor(operations: Operations, metadata: Metadata, anchor: Anchor, idle: float) -> None:
+    """Once the mount's metadata has not changed for `idle` seconds, merge it
+    into meta.db and keep that still until the next change, and have the
+    anchor describe it meanwhile: a crash while the mount is quiet (a power
+    cut of an idle machine) then leaves a store the next mount checks."""
+    if anchor.settled or operations.quiet_for() < idle:
+        return
+    try:
+        if metadata.freeze(anchor.resume):
+            anchor.settle()
+    except (OSError, sqlite3.Error, EnvfsError) as e:
+        _housekeeping_warnings.warn("HSM anchor not settled: %s", e)
+
+
+def _housekeeping(store: Store, lock: StoreLock, operations: Operations, settle: Callable[[], None]) -> None:
+    """Publish the counters in the lock record; wipe an unused prefetched key; top up the space reserve;
+    settle the anchor of a quiet mount.
 
     A backing filesystem that turned read-only or full fails the writes here:
     the daemon goes on serving what it can (an exception here would end the
@@ -346,6 +376,7 @@ def _housekeeping(store: Store, lock: StoreLock, operations: Operations) -> None
         store.keep_reserve()
     except OSError as e:
         log.debug("space reserve: %s", e)
+    settle()
 
 
 _housekeeping_warnings = ThrottledWarning(USAGE_WARNING_SECONDS, log)

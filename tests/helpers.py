@@ -123,6 +123,15 @@ class Envfs:
         of a copy of a store that shares its token with the original."""
         anchor_objects(self, "destroy")
 
+    def kill_daemon(self) -> None:
+        """SIGKILL the daemon (a crash) and wait until it is gone; its dead mount
+        stays until the next mount clears it."""
+        pid = self.daemon_pid()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not process_gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def daemon_pid(self) -> int:
         holder = json.loads((self.store / "lock").read_text() or "{}")
         return int(holder["pid"])

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from helpers import Envfs, process_gone
+from helpers import Envfs
 
 from envfs import embedded
 
@@ -154,14 +154,6 @@ def test_token_server_that_goes_away_is_reconnected(store: Envfs) -> None:
     assert (store.mnt / "a").read_bytes() == data
 
 
-def _kill_daemon(env: Envfs) -> None:
-    pid = env.daemon_pid()
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while not process_gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -179,7 +171,7 @@ def test_orphans_of_a_killed_daemon_are_cleaned_at_next_mount(store: Envfs) -> N
     os.unlink(path)
     _fsync_dir(store.mnt)  # the unlink is committed: the inode is an orphan, not a file
     assert len(list((store.store / "data").rglob("*.*.*"))) == 2
-    _kill_daemon(store)
+    store.kill_daemon()
     try:
         os.close(fd)
     except OSError:
@@ -213,7 +205,7 @@ def test_socket_directory_of_a_killed_daemon_is_swept(store: Envfs) -> None:
     the sweep that every start runs removes it, and never a live server's."""
     store.mount()
     killed = _token_server_dir(store)
-    _kill_daemon(store)
+    store.kill_daemon()
     assert (killed / "p11.sock").exists()
     store.mount()
     live = _token_server_dir(store)
@@ -241,7 +233,7 @@ def test_a_killed_daemon_loses_only_uncommitted_changes(store: Envfs) -> None:
     (store.mnt / "dir" / "renamed-from").write_text("renamed and synced")
     os.rename(store.mnt / "dir" / "renamed-from", store.mnt / "dir" / "renamed")
     _fsync_dir(store.mnt / "dir")
-    _kill_daemon(store)
+    store.kill_daemon()
     store.mount()
     assert (store.mnt / "synced").read_bytes() == b"fsynced data"
     assert (store.mnt / "dir" / "renamed").read_text() == "renamed and synced"
@@ -250,7 +242,7 @@ def test_a_killed_daemon_loses_only_uncommitted_changes(store: Envfs) -> None:
     (store.mnt / "settled").write_bytes(b"x" * 100_000)
     os.truncate(store.mnt / "synced", 3)
     time.sleep(1.5)  # the group commit timer (0.1 s) and the once-a-second housekeeping
-    _kill_daemon(store)
+    store.kill_daemon()
     store.mount()
     assert (store.mnt / "settled").read_bytes() == b"x" * 100_000
     assert (store.mnt / "synced").read_bytes() == b"fsy"
@@ -272,7 +264,7 @@ def test_read_atimes_are_saved_by_the_commit_timer(store: Envfs) -> None:
     assert (store.mnt / "read").read_bytes() == b"data" * 1000
     assert os.stat(store.mnt / "read").st_atime_ns == atime  # newer than mtime and ctime: left alone
     time.sleep(1.0)  # the group commit timer runs every 0.05 s
-    _kill_daemon(store)
+    store.kill_daemon()
     store.mount()
     assert os.stat(store.mnt / "read").st_atime_ns == atime
     assert os.stat(store.mnt / "unread").st_atime_ns == 1_000_000_000

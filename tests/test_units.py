@@ -427,6 +427,30 @@ def test_metadata_rows_are_macd(tmp_path: Path) -> None:
     md.close()
 
 
+def test_frozen_metadata_stays_still_until_its_next_change(tmp_path: Path) -> None:
+    """`Metadata.freeze` (the anchor's settled state): meta.db merged and kept as it is;
+    the next change calls the hook first, and a write that bypasses the class fails."""
+    md = Metadata(tmp_path / "meta.db", hmac.HMAC(b"m" * 32, hashes.SHA256()), create=True)
+    md.group_commits()
+    root = md.create_inode(**{**_FILE_FIELDS, "mode": 0o40755, "nlink": 2})
+    assert not md.freeze(lambda: None)  # a group waits for its commit
+    md.commit()
+    calls: list[bytes] = []
+    assert md.freeze(lambda: calls.append((tmp_path / "meta.db").read_bytes()))
+    assert (tmp_path / "meta.db-wal").stat().st_size == 0
+    still = (tmp_path / "meta.db").read_bytes()
+    with pytest.raises(sqlite3.OperationalError):
+        md.db.execute("UPDATE inodes SET size=1")
+    root.mtime_ns += 1
+    md.save_inode(root)
+    assert calls == [still]  # called once, before the change touched anything
+    md.commit()
+    assert md.quiet_for() < 1
+    md.sync()
+    assert (tmp_path / "meta.db").read_bytes() != still
+    md.close()
+
+
 def test_throttled_warning_counts_what_it_held_back(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
