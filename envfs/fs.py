@@ -55,6 +55,10 @@ LOW_SPACE_BYTES = 4 * RESERVE_BYTES
 # room to free space.
 METADATA_ROOM = RESERVE_BYTES
 _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+# Inodes the kernel has forgotten, and the names it looked up or made, stay
+# cached for its next lookup of them (after it dropped its caches, or an entry
+# timed out), up to this many of each: such a lookup then needs no query or MAC.
+LOOKUP_CACHE_SIZE = 16384
 # A key derived ahead (of a create, of an open in listing order) is wiped when
 # unused for this long: an idle mount holds no key of a file nobody opened.
 PREFETCH_MAX_AGE = 5.0
@@ -264,6 +268,14 @@ class Operations(pyfuse3.Operations):
         self._wake_after_reply = wake_after_reply or (lambda: None)
         self._read_buffers = BufferPool(READ_BUFFER_SIZE, keep=2)
         self._inodes: dict[int, Inode] = {}
+        # Cached inodes nothing held when last let go (`_release_cache`), oldest
+        # first; a listing may have handed one out again since (`_evict` checks).
+        self._forgotten: dict[int, None] = {}
+        # Names looked up or made, by directory: encrypted name -> inode id;
+        # a directory's go with any change of its entries but an addition
+        # (`_touch_dir`).
+        self._names: dict[int, dict[bytes, int]] = {}
+        self._names_count = 0
         # The kernel asks for security.capability before every write, ls -l for
         # security.selinux: both sets answer most of these without a query.
         # Every inode that has xattrs (a superset, never shrunk), if there are
@@ -314,6 +326,7 @@ class Operations(pyfuse3.Operations):
         self._guess_misses = 0
         self.rekeys = 0
         self.data_opens = 0
+        self.cached_lookups = 0
         self.integrity_errors = 0
         self._usage_warnings = ThrottledWarning(USAGE_WARNING_SECONDS)
 
@@ -424,6 +437,9 @@ class Operations(pyfuse3.Operations):
         derived from rows are dropped. The database's own changes of the
         request were rolled back with its transaction, if it had one."""
         self._request_saves.clear()
+        self._forgotten.clear()
+        self._names.clear()
+        self._names_count = 0
         for inode_id, inode in list(self._inodes.items()):
             values = self._deferred.get(inode_id)
             if values is None:
@@ -467,6 +483,7 @@ class Operations(pyfuse3.Operations):
             "open_files": len(self._open),
             "open_handles": len(self._handles),
             "cached_inodes": len(self._inodes),
+            "cached_lookups": self.cached_lookups,
             "rekeys": self.rekeys,
             "integrity_errors": self.integrity_errors,
         }
@@ -515,19 +532,38 @@ class Operations(pyfuse3.Operations):
             except (OSError, sqlite3.Error) as e:
                 log.warning("inode %d: atime not saved: %s", inode_id, e)
 
+    def _held(self, inode_id: int) -> bool:
+        return inode_id in self._lookups or inode_id in self._open or inode_id == ROOT_INODE
+
     def _release_cache(self, inode_id: int) -> None:
-        if inode_id not in self._lookups and inode_id not in self._open and inode_id != ROOT_INODE:
-            if (
-                inode_id in self._unsaved_atimes or inode_id in self._deferred or inode_id in self._request_saves
-                or (self._transaction_saves is not None and inode_id in self._transaction_saves)
-            ):  # fmt: skip
-                # Written now: the database is what a later request reads it from.
-                self.md.save_inode(self._inodes[inode_id])
+        """An inode that neither the kernel nor a handle holds any more stays
+        cached for a later lookup; the oldest of LOOKUP_CACHE_SIZE such goes."""
+        if self._held(inode_id):
+            return
+        if inode_id not in self._inodes:
             self._uncache(inode_id)
+            return
+        self._forgotten[inode_id] = None
+        if len(self._forgotten) > LOOKUP_CACHE_SIZE:
+            self._evict(next(iter(self._forgotten)))
+
+    def _evict(self, inode_id: int) -> None:
+        self._forgotten.pop(inode_id, None)
+        if self._held(inode_id):
+            return
+        inode = self._inodes.get(inode_id)
+        if inode is not None and (
+            inode_id in self._unsaved_atimes or inode_id in self._deferred or inode_id in self._request_saves
+            or (self._transaction_saves is not None and inode_id in self._transaction_saves)
+        ):  # fmt: skip
+            # Written now: the database is what a later request reads it from.
+            self.md.save_inode(inode)
+        self._uncache(inode_id)
 
     def _uncache(self, inode_id: int) -> None:
         """Forget everything kept in memory about an inode (`_drop_caches` for one)."""
         self._inodes.pop(inode_id, None)
+        self._forgotten.pop(inode_id, None)
         self._deferred.pop(inode_id, None)
         self._request_saves.pop(inode_id, None)
         if self._transaction_saves is not None:
@@ -593,6 +629,7 @@ class Operations(pyfuse3.Operations):
     def _lookup_ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that gives the kernel one more reference."""
         self._lookups[inode.id] = self._lookups.get(inode.id, 0) + 1
+        self._forgotten.pop(inode.id, None)
         return self._attrs(inode)
 
     def _dir(self, inode_id: int) -> Inode:
@@ -607,8 +644,26 @@ class Operations(pyfuse3.Operations):
         return self.names.encrypt_name(parent, name)
 
     def _child(self, parent: int, name_ct: bytes) -> Inode | None:
+        known = self._names.get(parent)
+        child = self._inodes.get(known.get(name_ct, 0)) if known else None
+        if child is not None:
+            self.cached_lookups += 1
+            return child
         found = self.md.lookup_with_inode(parent, name_ct, self._inodes)
-        return None if found is None else self._keep(*found)
+        if found is None:
+            return None
+        child = self._keep(*found)
+        self._remember_name(parent, name_ct, child.id)
+        return child
+
+    def _remember_name(self, parent: int, name_ct: bytes, inode_id: int) -> None:
+        if self._names_count >= LOOKUP_CACHE_SIZE:
+            self._names.clear()
+            self._names_count = 0
+        names = self._names.setdefault(parent, {})
+        if name_ct not in names:
+            self._names_count += 1
+        names[name_ct] = inode_id
 
     def _keep(self, entry: Dentry, inode: Inode | None) -> Inode:
         """An inode fetched with its entry, kept as the one object for its id.
@@ -634,12 +689,19 @@ class Operations(pyfuse3.Operations):
             self._dir_parents[directory.id] = parent_id
         return self._inode(parent_id)
 
-    def _touch_dir(self, directory: Inode, now: int) -> None:
-        """Every change of a directory's entries comes through here."""
+    def _touch_dir(self, directory: Inode, now: int, added: tuple[bytes, int] | None = None) -> None:
+        """Every change of a directory's entries comes through here; `added`:
+        the change only added this (encrypted) name for this inode."""
         directory.mtime_ns = directory.ctime_ns = now
         self._save(directory)
         self._listing_ends.pop(directory.id, None)
         self._listings.pop(directory.id, None)
+        if added is not None:
+            self._remember_name(directory.id, *added)
+            return
+        names = self._names.pop(directory.id, None)
+        if names:
+            self._names_count -= len(names)
 
     # -- lookups ---------------------------------------------------------------
 
@@ -767,7 +829,7 @@ class Operations(pyfuse3.Operations):
         )  # fmt: skip
         if stat.S_ISDIR(mode):
             parent.nlink += 1
-        self._touch_dir(parent, now)
+        self._touch_dir(parent, now, added=(name_ct, inode.id))
         self._inodes[inode.id] = inode
         self._without_xattrs.add(inode.id)  # the kernel asks for security.capability before each write
         return inode
@@ -876,7 +938,7 @@ class Operations(pyfuse3.Operations):
             inode.nlink += 1
             inode.ctime_ns = now
             self._save(inode)
-            self._touch_dir(parent, now)
+            self._touch_dir(parent, now, added=(name_ct, inode.id))
         return self._lookup_ref(inode)
 
     # -- removing and renaming -------------------------------------------------

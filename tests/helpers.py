@@ -132,6 +132,17 @@ class Envfs:
         while not process_gone(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def counters(self) -> dict[str, int]:
+        """The daemon's counters (FORMAT.md 1, `lock`), fresh: SIGUSR1, then the lock record."""
+        os.kill(self.daemon_pid(), signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            record = json.loads((self.store / "lock").read_text() or "{}")
+            if "counters" in record:
+                return dict(record["counters"])
+            time.sleep(0.05)
+        raise AssertionError("the daemon published no counters")
+
     def daemon_pid(self) -> int:
         holder = json.loads((self.store / "lock").read_text() or "{}")
         return int(holder["pid"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -16,23 +15,12 @@ from helpers import Envfs
 from envfs import embedded
 
 
-def _counters(env: Envfs) -> dict[str, int]:
-    os.kill(env.daemon_pid(), signal.SIGUSR1)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        record = json.loads((env.store / "lock").read_text() or "{}")
-        if "counters" in record:
-            return record["counters"]
-        time.sleep(0.05)
-    raise AssertionError("the daemon published no counters")
-
-
 def _settle(env: Envfs) -> dict[str, int]:
     """Counters once two reads in a row agree (SIGUSR1 is handled asynchronously)."""
-    previous = _counters(env)
+    previous = env.counters()
     while True:
         time.sleep(0.2)
-        current = _counters(env)
+        current = env.counters()
         if current == previous:
             return current
         previous = current

@@ -944,3 +944,64 @@ def test_fallocate_keep_size_past_the_end_reserves_space(mounted: Path) -> None:
     data = os.urandom(3 << 20)
     path.write_bytes(data)
     assert path.read_bytes() == data
+
+
+def _forget_names() -> None:
+    """Have the kernel drop its dentries and inodes (not the page cache)."""
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+
+
+def _cached_lookups_rise(env: Envfs, before: int) -> int:
+    """The daemon's count of lookups answered from memory, once it is above `before`."""
+    deadline = time.monotonic() + 5
+    while (now := env.counters()["cached_lookups"]) <= before:
+        assert time.monotonic() < deadline, "no lookup was answered from the daemon's cache"
+        time.sleep(0.1)
+    return now
+
+
+def test_lookups_the_kernel_forgot_follow_every_change(store: Envfs) -> None:
+    """A name the kernel looked up and forgot is answered from the daemon's memory;
+    every change of a directory's entries (rename, create, unlink, link, rmdir,
+    RENAME_EXCHANGE) drops what it remembered of that directory."""
+    store.mount()
+    d = store.mnt / "d"
+    (d / "sub").mkdir(parents=True)
+    for name in ("a", "b", "sub/x"):
+        (d / name).write_text(name)
+    ino = {name: os.stat(d / name).st_ino for name in ("a", "b", "sub", "sub/x")}
+    _forget_names()
+    assert {name: os.stat(d / name).st_ino for name in ino} == ino  # looked up from the database
+    count = store.counters()["cached_lookups"]
+    _forget_names()
+    assert {name: os.stat(d / name).st_ino for name in ino} == ino  # from memory
+    count = _cached_lookups_rise(store, count)
+
+    os.rename(d / "a", d / "c")
+    (d / "a").write_text("new a")
+    os.unlink(d / "b")
+    os.link(d / "c", d / "sub" / "l")
+    _forget_names()
+    assert os.stat(d / "c").st_ino == ino["a"] and (d / "a").read_text() == "new a"
+    assert os.stat(d / "a").st_ino not in ino.values()
+    assert not (d / "b").exists()
+    assert os.stat(d / "sub" / "l").st_ino == ino["a"] and os.stat(d / "sub" / "x").st_ino == ino["sub/x"]
+    _forget_names()
+    assert os.stat(d / "sub" / "x").st_ino == ino["sub/x"]
+    count = _cached_lookups_rise(store, count)
+
+    os.unlink(d / "c")
+    os.rename(d / "sub", d / "sub2")
+    (d / "e").mkdir()
+    _forget_names()
+    os.rmdir(d / "e")
+    _renameat2(d / "a", d / "sub2" / "x", 2)  # RENAME_EXCHANGE
+    _forget_names()
+    assert not (d / "c").exists() and not (d / "sub").exists() and not (d / "e").exists()
+    assert os.stat(d / "sub2" / "l").st_ino == ino["a"] and os.stat(d / "sub2" / "l").st_nlink == 1
+    assert (d / "a").read_text() == "sub/x" and (d / "sub2" / "x").read_text() == "new a"
+    assert os.stat(d / "a").st_ino == ino["sub/x"]
+    assert sorted(os.listdir(d)) == ["a", "sub2"]
+    store.unmount()
+    assert "damaged:   0 (clean)" in store.run("fsck", str(store.store)).stdout
