@@ -58,7 +58,7 @@ class AnchorValue:
     """What the anchor object holds."""
 
     state: int
-    generation: int  # +1 at every clean close; for messages and `status`
+    generation: int  # +1 at every clean state (a close, a settled mount); for messages
     digest: bytes
 
     def order(self) -> int:

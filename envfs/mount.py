@@ -307,7 +307,10 @@ def _open_read_only(
     follows)."""
     if anchor is not None:
         anchor.check(remedy="to read an older copy of the store, mount it with --read-only --copy")
-    metadata = Metadata(store.metadata_path, keys.metadata_mac(), read_only=True)
+    path, immutable = store.metadata_to_read(stack)
+    if not immutable:
+        log.info("a crash left changes in meta.db-wal: the read-only mount reads a private copy with them merged")
+    metadata = Metadata(path, keys.metadata_mac(), read_only=immutable)
     stack.callback(metadata.close)
     superblock.check_metadata_key_version(metadata.rows_key_version())
     if metadata.schema_version != SCHEMA_VERSION:
@@ -315,10 +318,6 @@ def _open_read_only(
             f"{store.metadata_path}: metadata schema version {metadata.schema_version} is upgraded by the "
             "first read-write mount (or envfs fsck); a read-only mount cannot"
         )
-    wal = store.metadata_path.with_name(store.metadata_path.name + "-wal")
-    if wal.exists() and wal.stat().st_size > 0:
-        log.warning("%s holds changes a crash left unmerged; a read-only mount does not see them "
-                    "(the next read-write mount merges them)", wal.name)  # fmt: skip
     return metadata
 
 

@@ -91,8 +91,12 @@ class OfflineStore:
         current one, or during a rotation that switched them, the new one."""
         if self._metadata is None:
             keys = self.keys()
-            path = self.store.metadata_path
-            metadata = Metadata(path, keys.metadata_mac(), read_only=self.read_only)
+            path, read_only = self.store.metadata_path, False
+            if self.read_only or self.anchor_problem is not None:
+                # Nothing of a store on read-only media, or of one its anchor
+                # refuses (the evidence), may change.
+                path, read_only = self.store.metadata_to_read(self._stack)
+            metadata = Metadata(path, keys.metadata_mac(), read_only=read_only)
             try:
                 rows_version = metadata.rows_key_version()
             except sqlite3.DatabaseError as e:
@@ -102,7 +106,7 @@ class OfflineStore:
                 self.superblock.check_metadata_key_version(rows_version)  # else the tool finishes that rotation
             if rows_version != self.superblock.current_key_version:
                 metadata.close()
-                metadata = Metadata(path, keys.metadata_mac(rows_version), read_only=self.read_only)
+                metadata = Metadata(path, keys.metadata_mac(rows_version), read_only=read_only)
             try:
                 metadata.upgrade()
             except BaseException:

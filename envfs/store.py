@@ -13,7 +13,10 @@ import errno
 import fcntl
 import json
 import os
+import shutil
+import tempfile
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +203,25 @@ class Store:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.path, 0o700)
         self.data_path.mkdir(mode=0o700)
+
+    def metadata_to_read(self, stack: ExitStack) -> tuple[Path, bool]:
+        """meta.db for a reader that must change nothing in the store: the
+        store's own, to open immutable (True); or, where a crash left committed
+        transactions in its -wal file, which an immutable open would not see,
+        a private copy of both (False), for SQLite to merge there. The copy
+        goes with `stack`; one a killed process left goes at the next copy."""
+        wal = self.metadata_path.with_name(self.metadata_path.name + "-wal")
+        try:
+            if wal.stat().st_size == 0:
+                return self.metadata_path, True
+        except FileNotFoundError:
+            return self.metadata_path, True
+        _remove_dead_copies()
+        copy = Path(tempfile.mkdtemp(prefix=f"{_COPY_PREFIX}{os.getpid()}-"))
+        stack.callback(shutil.rmtree, copy, True)
+        shutil.copyfile(self.metadata_path, copy / METADATA)
+        shutil.copyfile(wal, copy / wal.name)
+        return copy / METADATA, False
 
     # -- data files ----------------------------------------------------------
 
@@ -402,6 +424,17 @@ class StoreLock:
                 os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = -1
+
+
+_COPY_PREFIX = "envfs-meta-"
+
+
+def _remove_dead_copies() -> None:
+    """Remove the metadata copies (`Store.metadata_to_read`) of processes that are gone."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_COPY_PREFIX}*-*"):
+        pid = path.name.removeprefix(_COPY_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

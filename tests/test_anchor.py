@@ -103,6 +103,27 @@ def test_store_put_back_is_refused(store: Envfs, tmp_path: Path) -> None:
     assert "damaged:   0 (clean)" in store.run("fsck", str(store.store)).stdout
 
 
+def test_fsck_leaves_a_refused_store_as_it_is(store: Envfs, tmp_path: Path) -> None:
+    """A put-back copy that a crash had left with transactions in its -wal file: fsck
+    reads them (from a private copy) and changes no file of the store."""
+    store.mount()
+    (store.mnt / "a").write_text("a")
+    time.sleep(0.5)  # committed into meta.db-wal
+    store.kill_daemon()
+    copy = tmp_path / "copy"
+    shutil.copytree(store.store, copy, symlinks=True)
+    store.mount()
+    (store.mnt / "b").write_text("b")
+    store.unmount()
+    _put_back(store, copy)
+    files = {p.name: p.read_bytes() for p in store.store.iterdir() if p.is_file() and p.name != "lock"}
+    assert files["meta.db-wal"]
+    fsck = store.run("fsck", str(store.store), check=False)
+    assert fsck.returncode == 40 and fsck.stdout.startswith("anchor:"), fsck.stdout
+    assert "inodes:    2 " in fsck.stdout  # the root and "a", which only the -wal file holds
+    assert {p.name: p.read_bytes() for p in store.store.iterdir() if p.is_file() and p.name != "lock"} == files
+
+
 def test_meta_db_put_back_alone_is_refused(store: Envfs, tmp_path: Path) -> None:
     store.mount()
     (store.mnt / "a").write_text("a")

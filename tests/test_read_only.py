@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,13 +151,21 @@ def test_older_copy_is_read_with_copy(store: Envfs, tmp_path: Path) -> None:
 
 def test_read_only_mount_after_a_crash(store: Envfs) -> None:
     """A store a killed daemon left: the read-only mount serves what was committed,
-    deletes no orphan, and the next read-write mount recovers as usual."""
+    what is still in meta.db-wal included (a file deleted after the last checkpoint is
+    gone), deletes no orphan, changes no file of the store, and the next read-write
+    mount recovers as usual."""
     store.mount()
     (store.mnt / "kept").write_text("kept")
+    victim = store.mnt / "victim"
+    victim.write_bytes(os.urandom(10_000))
+    fd = os.open(victim, os.O_RDONLY)
+    os.fsync(fd)  # committed and checkpointed into meta.db
+    os.close(fd)
+    os.unlink(victim)  # committed within 0.1 s into meta.db-wal only; its data file goes
     fd = os.open(store.mnt / "orphan", os.O_WRONLY | os.O_CREAT, 0o644)
     os.write(fd, b"o" * 5000)
     os.unlink(store.mnt / "orphan")
-    os.fsync(fd)
+    time.sleep(0.5)
     os.kill(store.daemon_pid(), signal.SIGKILL)
     store.cleanup()  # waits for the daemon to die, detaches the dead mount
     try:
@@ -164,6 +173,7 @@ def test_read_only_mount_after_a_crash(store: Envfs) -> None:
     except OSError:
         pass
     files = _store_files(store)
+    assert files["meta.db-wal"][2] != hashlib.sha256(b"").hexdigest()
     store.mount("--read-only")
     assert sorted(os.listdir(store.mnt)) == ["kept"]
     assert (store.mnt / "kept").read_text() == "kept"
