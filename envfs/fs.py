@@ -276,6 +276,8 @@ class Operations(pyfuse3.Operations):
         # (`_touch_dir`).
         self._names: dict[int, dict[bytes, int]] = {}
         self._names_count = 0
+        # Cached inodes' st_blocks, with the (ctime, key epoch) it is for.
+        self._st_blocks: dict[int, tuple[tuple[int, int], int]] = {}
         # The kernel asks for security.capability before every write, ls -l for
         # security.selinux: both sets answer most of these without a query.
         # Every inode that has xattrs (a superset, never shrunk), if there are
@@ -440,6 +442,7 @@ class Operations(pyfuse3.Operations):
         self._forgotten.clear()
         self._names.clear()
         self._names_count = 0
+        self._st_blocks.clear()
         for inode_id, inode in list(self._inodes.items()):
             values = self._deferred.get(inode_id)
             if values is None:
@@ -564,6 +567,7 @@ class Operations(pyfuse3.Operations):
         """Forget everything kept in memory about an inode (`_drop_caches` for one)."""
         self._inodes.pop(inode_id, None)
         self._forgotten.pop(inode_id, None)
+        self._st_blocks.pop(inode_id, None)
         self._deferred.pop(inode_id, None)
         self._request_saves.pop(inode_id, None)
         if self._transaction_saves is not None:
@@ -622,9 +626,17 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     def _blocks(self, inode: Inode) -> int:
+        """st_blocks: the data file's, looked up again once its inode's ctime
+        or key epoch moved (every change of the data file moves one)."""
         if not stat.S_ISREG(inode.mode):
             return 0
-        return self.store.data_file_blocks(inode.id, inode.key_version, inode.key_epoch)
+        when = (inode.ctime_ns, inode.key_epoch)
+        known = self._st_blocks.get(inode.id)
+        if known is not None and known[0] == when:
+            return known[1]
+        blocks = self.store.data_file_blocks(inode.id, inode.key_version, inode.key_epoch)
+        self._st_blocks[inode.id] = (when, blocks)
+        return blocks
 
     def _lookup_ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that gives the kernel one more reference."""

@@ -1005,3 +1005,21 @@ def test_lookups_the_kernel_forgot_follow_every_change(store: Envfs) -> None:
     assert sorted(os.listdir(d)) == ["a", "sub2"]
     store.unmount()
     assert "damaged:   0 (clean)" in store.run("fsck", str(store.store)).stdout
+
+
+def test_st_blocks_follow_the_data_file(mounted: Path) -> None:
+    """st_blocks (du) is the data file's, after writes, truncation and a re-read of
+    the attributes the kernel forgot."""
+    f = mounted / "f"
+    f.write_bytes(b"")
+    assert os.stat(f).st_blocks == 0
+    with open(f, "r+b") as out:
+        out.write(os.urandom(1 << 20))
+    grown = os.stat(f).st_blocks
+    assert grown * 512 >= 1 << 20
+    os.truncate(f, 4096)
+    assert os.stat(f).st_blocks * 512 < 64 << 10
+    with open(f, "ab") as out:
+        out.write(os.urandom(1 << 20))
+    _forget_names()
+    assert os.stat(f).st_blocks * 512 >= 1 << 20
