@@ -187,8 +187,9 @@ class Anchor:
 
         If the token cannot be written now, the change goes ahead all the
         same (refusing it would lose what the user was told is written), and
-        the log says so: a crash before the next clean close then makes the
-        next writer refuse the store until `envfs reanchor`.
+        the log says so: a crash, or an unmount while the token is still out
+        of reach, before the next clean state then makes the next writer
+        refuse the store until `envfs reanchor`.
         """
         written = self._written
         if written is None or written.state == IN_USE:
