@@ -90,10 +90,6 @@ def metadata_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-def _wal_path(path: Path) -> Path:
-    return path.with_name(path.name + "-wal")
-
-
 class Anchor:
     """The anchor of one store, read and written through its key ring's token."""
 
@@ -212,10 +208,9 @@ class Anchor:
         written, self._written = self._written, None
         if written is None:
             return
-        wal = _wal_path(self._store.metadata_path)
         try:
-            if wal.exists() and wal.stat().st_size > 0:
-                log.warning("meta.db was not closed cleanly (%s remains); the HSM anchor stays 'in use'", wal.name)
+            if self._store.metadata_wal_in_use():
+                log.warning("meta.db was not closed cleanly (its -wal file remains); the HSM anchor stays 'in use'")
                 if written.state == CLEAN:
                     self._write(AnchorValue(IN_USE, written.generation, written.digest))
                 return
@@ -232,15 +227,9 @@ class Anchor:
         self.end()
 
     def _remove_sidecars(self) -> None:
-        path = self._store.metadata_path
-        wal = _wal_path(path)
-        try:
-            if wal.stat().st_size > 0:
-                log.warning("removed %s (%d bytes) beside a meta.db its anchor describes: nothing in it was "
-                            "the store's", wal.name, wal.stat().st_size)  # fmt: skip
-        except FileNotFoundError:
-            pass
-        for sidecar in (wal, path.with_name(path.name + "-shm")):
+        if self._store.metadata_wal_in_use():
+            log.warning("removed meta.db-wal beside a meta.db its anchor describes: nothing in it was the store's")
+        for sidecar in (self._store.metadata_wal_path, self._store.metadata_shm_path):
             try:
                 os.unlink(sidecar)
             except FileNotFoundError:

@@ -245,13 +245,8 @@ class Operations(pyfuse3.Operations):
         *,
         rekey_after: int,
         wake_after_reply: Callable[[], None] | None = None,
-        read_only: bool = False,
     ) -> None:
         super().__init__()
-        # A read-only mount: the kernel refuses every change before it reaches
-        # a handler; what the daemon would change by itself (access times,
-        # orphans to delete) stays as it is.
-        self.read_only = read_only
         self.store = store
         self.md = metadata
         self.keys = keys
@@ -584,7 +579,7 @@ class Operations(pyfuse3.Operations):
         if inode_id in self._open:
             return
         inode = self._inodes.get(inode_id) or self.md.get_inode(inode_id)
-        if inode is None or inode.nlink > 0 or self.read_only:
+        if inode is None or inode.nlink > 0 or self.store.read_only:
             self._release_cache(inode_id)
             return
         self._free_space_early(inode)
@@ -1201,7 +1196,7 @@ class Operations(pyfuse3.Operations):
         crash loses at most the atimes of that window, as it loses the
         group's other changes (so does a failed request, which forgets
         unsaved atimes). None on a read-only mount, as on ext4 mounted ro."""
-        if not self.read_only and (
+        if not self.store.read_only and (
             inode.atime_ns <= inode.mtime_ns
             or inode.atime_ns <= inode.ctime_ns
             or (_now() - inode.atime_ns > _RELATIME_WINDOW_NS)

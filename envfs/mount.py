@@ -221,7 +221,7 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
                 store, metadata, keys, names,
                 rekey_after=min(options.rekey_after or superblock.rekey_after_block_writes,
                                 superblock.rekey_after_block_writes),
-                wake_after_reply=functools.partial(_wake, after_reply_send), read_only=options.read_only,
+                wake_after_reply=functools.partial(_wake, after_reply_send),
             )  # fmt: skip
             fuse_options = set(pyfuse3.default_options)
             fuse_options |= {f"fsname=envfs:{_escape_option(str(store.path))}", "subtype=envfs"}
@@ -255,11 +255,11 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
                 log.error("unmount: the last metadata changes were not written (%s); the next mount recovers", e)
 
         stack.callback(finish)
-
-        def settle() -> None:
-            if not options.read_only:
-                _settle_anchor(operations, metadata, anchor, options.anchor_idle)
-
+        settle = (
+            functools.partial(_settle_anchor, operations, metadata, anchor, options.anchor_idle)
+            if not options.read_only
+            else lambda: None
+        )
         log.info("mounted %s on %s (pid %d)", store.path, mountpoint, os.getpid())
         ready(None)
         signals: list[int] = []

@@ -155,12 +155,16 @@ class Store:
         self.path = Path(path).absolute()
         self.superblock_path = self.path / SUPERBLOCK
         self.metadata_path = self.path / METADATA
+        # SQLite's own files beside meta.db (WAL mode)
+        self.metadata_wal_path = self.path / (METADATA + "-wal")
+        self.metadata_shm_path = self.path / (METADATA + "-shm")
         self.data_path = self.path / DATA
         self._data_prefix = f"{self.data_path}/"
         self.lock_path = self.path / LOCK
         self.reserve_path = self.path / RESERVE
-        # A read-only mount sets this: data files are opened read-only, and
-        # the space reserve is neither made nor given up.
+        # A read-only mount sets this: data files are opened read-only, the
+        # space reserve is neither made nor given up, and the daemon changes
+        # nothing by itself (access times, orphans to delete; fs.Operations).
         self.read_only = False
 
     def read_superblock(self) -> Superblock:
@@ -204,23 +208,26 @@ class Store:
         os.chmod(self.path, 0o700)
         self.data_path.mkdir(mode=0o700)
 
+    def metadata_wal_in_use(self) -> bool:
+        """Whether meta.db-wal holds frames (committed or not): meta.db alone is not the metadata."""
+        try:
+            return self.metadata_wal_path.stat().st_size > 0
+        except FileNotFoundError:
+            return False
+
     def metadata_to_read(self, stack: ExitStack) -> tuple[Path, bool]:
         """meta.db for a reader that must change nothing in the store: the
         store's own, to open immutable (True); or, where a crash left committed
         transactions in its -wal file, which an immutable open would not see,
         a private copy of both (False), for SQLite to merge there. The copy
         goes with `stack`; one a killed process left goes at the next copy."""
-        wal = self.metadata_path.with_name(self.metadata_path.name + "-wal")
-        try:
-            if wal.stat().st_size == 0:
-                return self.metadata_path, True
-        except FileNotFoundError:
+        if not self.metadata_wal_in_use():
             return self.metadata_path, True
         _remove_dead_copies()
         copy = Path(tempfile.mkdtemp(prefix=f"{_COPY_PREFIX}{os.getpid()}-"))
         stack.callback(shutil.rmtree, copy, True)
         shutil.copyfile(self.metadata_path, copy / METADATA)
-        shutil.copyfile(wal, copy / wal.name)
+        shutil.copyfile(self.metadata_wal_path, copy / self.metadata_wal_path.name)
         return copy / METADATA, False
 
     # -- data files ----------------------------------------------------------
