@@ -28,6 +28,8 @@ from .keys import KeyRing
 from .metadata import ROOT_INODE, Metadata
 from .mount import (
     ANCHOR_IDLE_SECONDS,
+    MAX_SPIN_MICROSECONDS,
+    SPIN_MICROSECONDS,
     MountOptions,
     envfs_mounts,
     find_mount,
@@ -166,9 +168,12 @@ def _read_master_key(path: str) -> bytes:
 def cmd_mount(args: argparse.Namespace) -> None:
     if args.copy and not args.read_only:
         raise UsageError("--copy mounts an older copy of a store read-only: it needs --read-only")
+    if args.spin is not None and not 0 <= args.spin <= MAX_SPIN_MICROSECONDS:
+        raise UsageError(f"--spin must be a number of microseconds from 0 to {MAX_SPIN_MICROSECONDS}")
     options = MountOptions(
         foreground=args.foreground, allow_other=args.allow_other, debug=args.debug, log_file=args.log,
         rekey_after=_rekey_override(), read_only=args.read_only, copy=args.copy, anchor_idle=_anchor_idle(),
+        spin=args.spin,
     )  # fmt: skip
     store = Store(args.store)
     store.read_superblock()  # refuse a non-store before asking for a PIN
@@ -343,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--copy", action="store_true",
         help="with --read-only: an older copy of the store (a backup, a snapshot), not checked against "
         "the store's anchor in the HSM, which it leaves as it is",
+    )  # fmt: skip
+    p.add_argument(
+        "--spin", type=int, metavar="MICROSECONDS",
+        help=f"how long the daemon keeps looking for the next request after a reply before it sleeps: "
+        f"less latency for more CPU (default: {SPIN_MICROSECONDS} with two CPUs or more, 0 with one; "
+        f"at most {MAX_SPIN_MICROSECONDS})",
     )  # fmt: skip
     p.add_argument("--pin-file", metavar="FILE")
     p.add_argument("--log", metavar="FILE", help="daemon log (default: $XDG_DATA_HOME/envfs/logs/UUID.log)")

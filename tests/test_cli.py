@@ -971,11 +971,26 @@ def test_every_error_class_has_a_documented_unique_code() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [("mount",), ("frobnicate",), ("status", "--bogus"), ("init", "STORE", "--pkcs11-module", "/nonexistent.so")],
-    ids=["missing-arguments", "unknown-command", "unknown-option", "module-without-token"],
+    [
+        ("mount",),
+        ("frobnicate",),
+        ("status", "--bogus"),
+        ("init", "STORE", "--pkcs11-module", "/nonexistent.so"),
+        ("mount", "STORE", "MNT", "--spin", "1001"),
+        ("mount", "STORE", "MNT", "--spin", "-1"),
+    ],
+    ids=[
+        "missing-arguments",
+        "unknown-command",
+        "unknown-option",
+        "module-without-token",
+        "spin-too-long",
+        "spin-negative",
+    ],
 )
 def test_usage_errors_exit_2(envfs: Envfs, args: tuple[str, ...]) -> None:
-    result = envfs.run(*[str(envfs.store) if a == "STORE" else a for a in args], check=False)
+    places = {"STORE": str(envfs.store), "MNT": str(envfs.mnt)}
+    result = envfs.run(*[places.get(a, a) for a in args], check=False)
     assert result.returncode == errors.UsageError.exit_code == 2, result.stderr
     assert result.stderr.strip() and "Traceback" not in result.stderr
     assert not envfs.store.exists() and not envfs.data_home.exists()
@@ -1009,3 +1024,35 @@ def test_token_server_accepts_connections_when_start_returns(store: Envfs) -> No
     slow = dict(store.env, PATH=f"{bin_dir}:{store.env['PATH']}")
     result = store.run("mount", str(store.store), str(store.mnt), "--log", str(store.log), check=False, env=slow)
     assert result.returncode == 0, result.stderr
+
+
+# -- the daemon's spin -------------------------------------------------------------------------
+
+
+def _request_thread_sleeps(pid: int) -> int:
+    """Voluntary context switches of the daemon's request thread (its main thread) so far."""
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches:"))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the client needs a CPU of its own while the daemon spins")
+def test_spin_keeps_the_daemon_awake_between_requests(store: Envfs) -> None:
+    """A client that waits for each reply: without a spin the daemon sleeps and is woken for
+    about every request; with one it finds most requests without sleeping (patch 6 of
+    patches/pyfuse3, `envfs mount --spin`)."""
+    requests = 2000
+    sleeps = {}
+    for spin in ("0", "1000"):
+        store.mount("--spin", spin)
+        try:
+            pid = store.daemon_pid()
+            assert f"spin {spin} us" in store.log_text()
+            before = _request_thread_sleeps(pid)
+            for i in range(requests):  # a lookup each: no name is in the kernel's cache
+                with pytest.raises(FileNotFoundError):
+                    os.stat(store.mnt / f"missing-{spin}-{i}")
+            sleeps[spin] = _request_thread_sleeps(pid) - before
+        finally:
+            store.unmount()
+    assert sleeps["0"] > requests // 3, sleeps  # measured: 1,489 of 2,000
+    assert sleeps["1000"] < requests // 10, sleeps  # measured: 1

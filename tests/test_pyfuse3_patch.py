@@ -113,8 +113,17 @@ def test_operations_has_fallocate() -> None:
 
 
 def test_envfs_patches_reported() -> None:
-    patches = {"fallocate", "zero-recv-buf", "single-worker-loop", "poll-before-park", "lseek", "xattr-create-replace"}
+    patches = {
+        "fallocate", "zero-recv-buf", "single-worker-loop", "poll-before-park", "lseek", "xattr-create-replace",
+        "spin-before-poll",
+    }  # fmt: skip
     assert patches <= set(getattr(pyfuse3, "ENVFS_PATCHES", ()))
+
+
+@pytest.mark.parametrize("microseconds", [-1, 1_000_001])
+def test_spin_out_of_range_is_refused(microseconds: int) -> None:
+    with pytest.raises(ValueError):
+        pyfuse3.set_single_worker_spin(microseconds)
 
 
 def test_default_fallocate_is_eopnotsupp() -> None:
