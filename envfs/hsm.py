@@ -11,8 +11,9 @@ This is the only module that speaks PKCS#11. It has two halves:
 - `HsmAdmin` manages keys through python-pkcs11: generate, import, inspect,
   destroy. Operators' commands use it; the filesystem daemon does not.
 
-Calls may come from several threads, never at the same time: the caller
-serialises them.
+An `Hsm` is used from one thread. The keys it derives ahead are computed by
+a thread of C (`envfs._signer`) that borrows the session between the owner's
+own calls and never takes the GIL.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pkcs11
 import pkcs11.exceptions as p11e
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
+from . import _signer
 from .errors import HsmError, KeyNotFound, PinError, TokenNotFound
 from .secret import Secret
 
@@ -153,6 +155,13 @@ class _Module:
         self._library = library  # keeps the library loaded
         self._functions = pointer.contents
 
+    def address(self, name: str) -> int:
+        """The address of an entry point, for code in C that calls it."""
+        address = getattr(self._functions, name)
+        if not address:
+            raise HsmError(f"{self.path}: the module does not implement {name}")
+        return int(address)
+
     def __getattr__(self, name: str) -> Callable[..., int]:
         address = getattr(self._functions, name)
         if not address:
@@ -203,6 +212,11 @@ class Hsm:
     `derive` with that key pays only for C_Sign. The session then holds an
     active sign operation; anything else it is asked to do finishes that
     operation first (`_disarm`), since a session runs one operation at a time.
+
+    `derive_ahead` queues a derivation for the key thread (`envfs._signer`),
+    and `collect` takes its result. The session is lent to that thread
+    (`_lend`) whenever it has work, and every call of the owner's own takes
+    it back first (`_own`), with the operation the thread left started.
     """
 
     def __init__(
@@ -216,6 +230,8 @@ class Hsm:
         self._session: int | None = None
         self._keys: dict[str, int] = {}
         self._armed: int | None = None  # the key handle of the active C_SignInit
+        self._ahead: _signer.Signer | None = None  # the key thread, from the first derivation ahead
+        self._lent = False  # whether the key thread has the session
         self._connect()
 
     def _connect(self) -> None:
@@ -250,9 +266,30 @@ class Hsm:
         self._keys.clear()
         self._armed = None
 
+    def _own(self) -> None:
+        """Take the session back from the key thread, with the operation it left started."""
+        if self._lent:
+            assert self._ahead is not None
+            self._armed = self._ahead.pause() or None
+            self._lent = False
+
+    def _lend(self) -> None:
+        """Let the key thread use the session for what is queued."""
+        if self._ahead is None or self._lent or self._session is None:
+            return
+        self._ahead.resume(
+            self._module.address("C_SignInit"), self._module.address("C_Sign"), self._session, self._armed or 0
+        )
+        self._armed = None
+        self._lent = True
+
     def reconnect(self) -> None:
         """Re-initialise the module and log in again (a fresh module instance)."""
         log.warning("HSM: reconnecting to token %r", self.token_label)
+        self._own()
+        if self._ahead is not None:
+            # Key handles are the old session's: the same number may name another key now.
+            self._ahead.cancel_all()
         self._keys.clear()
         self._session = None
         self._armed = None
@@ -266,6 +303,7 @@ class Hsm:
         handle = self._keys.get(label)
         if handle is not None:
             return handle
+        self._own()
         self._disarm()
         found = self._find(self._session, _CKO_SECRET_KEY, label)
         if not found:
@@ -304,15 +342,49 @@ class Hsm:
         """HKDF-Expand(PRK=master, info, L=32), i.e. HMAC-SHA256(master, info || 0x01)."""
         out = Secret(DERIVED_KEY_BYTES)
         try:
-            self.derive_into(key_label, info, out)
+            self._own()
+            self._with_reconnect(lambda: self._derive_once(key_label, info, out))
         except BaseException:
             out.wipe()
             raise
         return out
 
-    def derive_into(self, key_label: str, info: bytes, out: Secret) -> None:
-        """`derive`, into a Secret of DERIVED_KEY_BYTES the caller owns."""
-        self._with_reconnect(lambda: self._derive_once(key_label, info, out))
+    def derive_ahead(self, key_label: str, info: bytes) -> int | None:
+        """Queue `derive(key_label, info)` for the key thread; a ticket for
+        `collect`, or None where nothing could be queued (the derivation is
+        then left to `derive`)."""
+        try:
+            key = self._key(key_label)
+        except (_TokenGone, HsmError, KeyNotFound) as e:
+            log.debug("HSM: cannot derive ahead: %s", e)
+            return None
+        if self._ahead is None:
+            self._ahead = _signer.Signer()
+        try:
+            ticket = self._ahead.submit(key, info + b"\x01")
+        except BufferError:
+            return None
+        self._lend()
+        return int(ticket)
+
+    def collect(self, ticket: int, out: Secret) -> None:
+        """Wait for a derivation queued by `derive_ahead` and put its key into
+        `out` (DERIVED_KEY_BYTES). Raises HsmError where it failed."""
+        assert self._ahead is not None
+        self._lend()
+        rv = self._ahead.collect(ticket, out.view)
+        if rv == _CKR_OK:
+            return
+        if rv == _signer.CKR_FUNCTION_CANCELED:
+            raise HsmError("the derivation ahead was cancelled")
+        if rv == _signer.CKR_LENGTH_WRONG:
+            raise HsmError(f"C_Sign returned other than {DERIVED_KEY_BYTES} bytes")
+        raise HsmError(f"C_Sign failed (CKR 0x{rv:x})")
+
+    def forget(self, ticket: int) -> None:
+        """Drop a derivation queued by `derive_ahead`; its key is wiped."""
+        if self._ahead is not None:
+            self._ahead.cancel(ticket)
 
     def _with_reconnect(self, call: Callable[[], T]) -> T:
         try:
@@ -328,7 +400,8 @@ class Hsm:
             raise HsmError(f"token {self.token_label!r} unavailable: {e}") from e
 
     def arm(self, key_label: str) -> None:
-        """Start the next derivation with this key ahead: its C_SignInit.
+        """Start the next derivation with this key ahead: its C_SignInit, by
+        the key thread where there is one.
 
         Best effort: a failure leaves the session unarmed, and the next
         `derive` reconnects if the token has gone.
@@ -336,8 +409,13 @@ class Hsm:
         if self._session is None:
             return
         try:
-            self._sign_init(self._key(key_label))
-        except (_TokenGone, HsmError, KeyNotFound) as e:
+            key = self._key(key_label)
+            if self._ahead is None:
+                self._sign_init(key)
+                return
+            self._ahead.arm(key)
+            self._lend()
+        except (_TokenGone, HsmError, KeyNotFound, BufferError) as e:
             log.debug("HSM: could not start a derivation ahead: %s", e)
 
     def _sign_init(self, key: int) -> None:
@@ -382,6 +460,7 @@ class Hsm:
     def read_data(self, label: str) -> list[bytes]:
         """The values of the token's data objects (CKO_DATA) labelled `label`:
         none, one, or (after a crash inside `replace_data`) two."""
+        self._own()
         return self._with_reconnect(lambda: self._with_rw_session(lambda s: self._read_data(s, label)))
 
     def replace_data(self, label: str, value: bytes) -> None:
@@ -392,6 +471,7 @@ class Hsm:
         (CKA_VALUE is read-only once set), and there is never a moment
         without an object.
         """
+        self._own()
         self._with_reconnect(lambda: self._with_rw_session(lambda s: self._replace_data(s, label, value)))
 
     def _with_rw_session(self, call: Callable[[int], T]) -> T:
@@ -441,6 +521,10 @@ class Hsm:
             self._module.check("C_DestroyObject", session, handle)
 
     def close(self) -> None:
+        self._own()
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
         self._disarm()
         session, self._session = self._session, None
         self._keys.clear()

@@ -8,11 +8,9 @@ get a `BlockCipher`, a `NameCipher` or a keyed HMAC context, and each
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from hmac import compare_digest
 from typing import NamedTuple
@@ -46,49 +44,18 @@ class KeyRing:
         self.prefetch_hits = 0  # file keys that were ready when asked for
         # Keyed metadata MAC contexts by key version (two while a rotation runs).
         self._metadata_macs: dict[int, hmac.HMAC] = {}
-        # One derivation at a time: a PKCS#11 session runs one operation at once,
-        # and the key thread (`_thread`) shares this one.
-        self._hsm_lock = threading.Lock()
-        self._hsm_thread: ThreadPoolExecutor | None = None
-        # Keys derived ahead, oldest first, at most PREFETCH_DEPTH of them.
+        # Keys being derived ahead (by the HSM's key thread), oldest first, at
+        # most PREFETCH_DEPTH of them.
         self._prefetched: deque[_Prefetched] = deque()
 
     def _derive(self, key_version: int, info: bytes) -> Secret:
         self.derivations += 1
-        with self._hsm_lock:
-            return self.hsm.derive(self.superblock.key(key_version).label, info)
-
-    def _derive_ahead(self, key_label: str, info: bytes, out: Secret, done: Future[None]) -> None:
-        """In the key thread: derive into `out`, hand it over, then arm the next derivation."""
-        with self._hsm_lock:
-            try:
-                self.hsm.derive_into(key_label, info, out)
-            except BaseException as e:
-                done.set_exception(e)
-            else:
-                done.set_result(None)
-            self.hsm.arm(key_label)
-
-    def _arm(self, key_label: str) -> None:
-        with self._hsm_lock:
-            self.hsm.arm(key_label)
-
-    def _thread(self) -> ThreadPoolExecutor:
-        """The one thread that derives keys ahead and arms the next derivation.
-
-        It runs nothing but HSM calls: each time it takes the GIL back it
-        stalls the request being served.
-        """
-        if self._hsm_thread is None:
-            self._hsm_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="envfs-key-prefetch")
-        return self._hsm_thread
+        return self.hsm.derive(self.superblock.key(key_version).label, info)
 
     @contextmanager
     def token(self) -> Iterator[Hsm]:
-        """The HSM session for a call that is not a derivation (the store's
-        anchor), in turn with the key thread."""
-        with self._hsm_lock:
-            yield self.hsm
+        """The HSM session for a call that is not a derivation (the store's anchor)."""
+        yield self.hsm
 
     def check_value(self, key_version: int) -> str:
         with self._derive(key_version, kdf.key_check_info(self.superblock.uuid, key_version)) as secret:
@@ -145,65 +112,58 @@ class KeyRing:
         wanted = (inode_id, key_version, key_epoch)
         if any(prefetched.wanted == wanted for prefetched in self._prefetched):
             while (prefetched := self._prefetched.popleft()).wanted != wanted:
-                prefetched.discard()
+                self.hsm.forget(prefetched.ticket)
+            dek = Secret(DERIVED_KEY_BYTES)
             try:
-                prefetched.future.result()
+                self.hsm.collect(prefetched.ticket, dek)
             except Exception as e:
-                prefetched.dek.wipe()
+                dek.wipe()
                 log.warning("prefetched key for inode %d failed (%s); deriving it again", inode_id, e)
             else:
                 self.prefetch_hits += 1
-                with prefetched.dek:
-                    return BlockCipher(prefetched.dek, self.superblock.uuid, inode_id, key_version, key_epoch)
+                with dek:
+                    return BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
         info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
         with self._derive(key_version, info) as dek:
             cipher = BlockCipher(dek, self.superblock.uuid, inode_id, key_version, key_epoch)
-        self._thread().submit(self._arm, self.superblock.key(key_version).label)
+        self.hsm.arm(self.superblock.key(key_version).label)
         return cipher
 
     def prefetch_file_cipher(self, inode_id: int, key_version: int, key_epoch: int) -> None:
-        """Start deriving the key of a file about to be opened or created, in a thread.
+        """Start deriving the key of a file about to be opened or created, in the HSM's key thread.
 
         The HSM round trips (most of a create's cost, and of a first open's)
         then overlap with the requests that come before the open or create;
         `file_cipher` collects the result. The thread derives the keys in
         the order asked for, and once a key is out it arms the derivation
         after it. At most PREFETCH_DEPTH prefetched keys exist: the oldest
-        is wiped to make room.
+        is dropped (and wiped) to make room.
         """
         while len(self._prefetched) >= PREFETCH_DEPTH:
-            self._prefetched.popleft().discard()
+            self.hsm.forget(self._prefetched.popleft().ticket)
         label = self.superblock.key(key_version).label
         info = kdf.file_dek_info(self.superblock.uuid, key_version, inode_id, key_epoch)
-        dek = Secret(DERIVED_KEY_BYTES)
+        ticket = self.hsm.derive_ahead(label, info)
+        if ticket is None:
+            return  # file_cipher derives it when it is needed
         self.derivations += 1
-        future: Future[None] = Future()
-        self._thread().submit(self._derive_ahead, label, info, dek, future)
-        self._prefetched.append(_Prefetched((inode_id, key_version, key_epoch), dek, future, time.monotonic()))
+        self._prefetched.append(_Prefetched((inode_id, key_version, key_epoch), ticket, time.monotonic()))
 
     def drop_prefetched(self, *, older_than: float = 0.0) -> None:
-        """Wipe the prefetched keys (those older than `older_than` seconds)."""
+        """Drop (and wipe) the prefetched keys, those older than `older_than` seconds."""
         now = time.monotonic()
         while self._prefetched and now - self._prefetched[0].at >= older_than:
-            self._prefetched.popleft().discard()
+            self.hsm.forget(self._prefetched.popleft().ticket)
 
     def close(self) -> None:
         self.drop_prefetched()
-        if self._hsm_thread is not None:
-            self._hsm_thread.shutdown(wait=True)
-            self._hsm_thread = None
         self._metadata_macs.clear()
 
 
 class _Prefetched(NamedTuple):
     """A file key being derived ahead: for which (inode, key version, key
-    epoch), into which secret, done when `future` is, asked for `at`."""
+    epoch), the HSM's ticket for it, asked for `at`."""
 
     wanted: tuple[int, int, int]
-    dek: Secret
-    future: Future[None]
+    ticket: int
     at: float
-
-    def discard(self) -> None:
-        """Wipe the key, once its derivation is done: nobody will use it."""
-        self.future.add_done_callback(lambda _: self.dek.wipe())

@@ -37,7 +37,7 @@ _PR_SET_PDEATHSIG = 1
 _MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
 
 # memset called with the GIL held. ctypes.memset lets the GIL go, and taking
-# it back can wait for the key-prefetch thread: a stall of the request.
+# it back can wait for any other thread that holds it: a stall of the request.
 _memset = ctypes.PyDLL(None).memset
 _memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 _memset.restype = ctypes.c_void_p

@@ -1,4 +1,4 @@
-"""The HSM at work: derivations per open file, a token that goes away, crash recovery."""
+"""The HSM at work: derivations per open file, the key thread, a token that goes away, crash recovery."""
 
 from __future__ import annotations
 
@@ -8,11 +8,16 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from helpers import Envfs
+import pytest
+from helpers import PIN, Envfs
 
 from envfs import embedded
+from envfs.errors import HsmError
+from envfs.hsm import Hsm
+from envfs.secret import Secret
 
 
 def _settle(env: Envfs) -> dict[str, int]:
@@ -24,6 +29,70 @@ def _settle(env: Envfs) -> dict[str, int]:
         if current == previous:
             return current
         previous = current
+
+
+@pytest.fixture
+def token(store: Envfs, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Hsm, str]]:
+    """An HSM session on the store's embedded token, and the label of its master key."""
+    server = embedded.TokenServer(embedded.EmbeddedToken(store.data_home / "envfs"))
+    monkeypatch.setenv("P11_KIT_SERVER_ADDRESS", server.start())
+    try:
+        hsm = Hsm(server.client_module, embedded.TOKEN_LABEL, PIN)
+        try:
+            yield hsm, str(store.status()["key_versions"][0]["label"])  # type: ignore[index]
+        finally:
+            hsm.close()
+    finally:
+        server.stop()
+
+
+def _collected(hsm: Hsm, ticket: int | None) -> bytes:
+    assert ticket is not None
+    with Secret(32) as key:
+        hsm.collect(ticket, key)
+        return bytes(key.view)
+
+
+def _derived(hsm: Hsm, label: str, info: bytes) -> bytes:
+    with hsm.derive(label, info) as key:
+        return bytes(key.view)
+
+
+def test_keys_derived_ahead_are_the_keys_derived_at_once(token: tuple[Hsm, str]) -> None:
+    """The key thread borrows the session between the owner's own calls: whatever it was doing
+    (a derivation queued, one running, an operation started ahead), a derivation, a key lookup
+    or a data object read of the owner's in between changes no key."""
+    hsm, label = token
+    infos = [f"file {i}".encode() for i in range(12)]
+    expected = [_derived(hsm, label, info) for info in infos]
+    tickets = [hsm.derive_ahead(label, info) for info in infos[:4]]
+    assert _derived(hsm, label, b"in between") == _derived(hsm, label, b"in between")
+    assert [_collected(hsm, t) for t in tickets] == expected[:4]
+    for i in range(4, 12):
+        ticket = hsm.derive_ahead(label, infos[i])
+        if i % 3 == 0:
+            assert not hsm.has_key(f"{label}-missing")
+        elif i % 3 == 1:
+            assert hsm.read_data(f"{label}-no-such-object") == []
+        assert _collected(hsm, ticket) == expected[i]
+    hsm.arm(label)
+    assert _derived(hsm, label, infos[0]) == expected[0]
+
+
+def test_forgotten_derivations_free_their_places(token: tuple[Hsm, str]) -> None:
+    hsm, label = token
+    tickets = [hsm.derive_ahead(label, b"%d" % i) for i in range(8)]
+    assert None not in tickets
+    assert hsm.derive_ahead(label, b"one too many") is None  # the queue is full: derived when needed
+    hsm.forget(tickets[0])
+    with pytest.raises(HsmError, match="cancelled"):
+        _collected(hsm, tickets[0])
+    for ticket in tickets[1:]:
+        hsm.forget(ticket)
+    assert not hsm.has_key(f"{label}-missing")  # takes the session back: the thread is idle then
+    # Every place is free again: forgotten results were wiped and released, the running one's too.
+    again = [hsm.derive_ahead(label, b"%d" % i) for i in range(8)]
+    assert [_collected(hsm, t) for t in again] == [_derived(hsm, label, b"%d" % i) for i in range(8)]
 
 
 def test_one_derivation_per_open_file(store: Envfs) -> None:
