@@ -696,15 +696,23 @@ class Operations(pyfuse3.Operations):
             self._dir_parents[directory.id] = parent_id
         return self._inode(parent_id)
 
-    def _touch_dir(self, directory: Inode, now: int, added: tuple[bytes, int] | None = None) -> None:
+    def _touch_dir(
+        self, directory: Inode, now: int, added: tuple[bytes, int] | None = None, removed: bytes | None = None
+    ) -> None:
         """Every change of a directory's entries comes through here; `added`:
-        the change only added this (encrypted) name for this inode."""
+        the change only added this (encrypted) name for this inode; `removed`:
+        it only removed this name."""
         directory.mtime_ns = directory.ctime_ns = now
         self._save(directory)
         self._listing_ends.pop(directory.id, None)
         self._listings.pop(directory.id, None)
         if added is not None:
             self._remember_name(directory.id, *added)
+            return
+        if removed is not None:
+            names = self._names.get(directory.id)
+            if names is not None and names.pop(removed, None) is not None:
+                self._names_count -= 1
             return
         names = self._names.pop(directory.id, None)
         if names:
@@ -962,10 +970,9 @@ class Operations(pyfuse3.Operations):
         """unlink (a non-directory) or rmdir (an empty directory)."""
         parent = self._dir(parent_inode)
         name_ct = self._encrypt_name(parent.id, name)
-        entry = self.md.lookup(parent.id, name_ct)
-        if entry is None:
+        inode = self._child(parent.id, name_ct)  # the kernel looked it up just before: cached
+        if inode is None:
             raise FUSEError(errno.ENOENT)
-        inode = self._inode(entry.inode)
         if stat.S_ISDIR(inode.mode) != directory:
             raise FUSEError(errno.ENOTDIR if directory else errno.EISDIR)
         if directory:
@@ -978,7 +985,7 @@ class Operations(pyfuse3.Operations):
             self._drop_link(inode, now)
             if directory:
                 parent.nlink -= 1
-            self._touch_dir(parent, now)
+            self._touch_dir(parent, now, removed=name_ct)
         self._dir_parents.pop(inode.id, None)
         self._maybe_delete(inode.id)
 

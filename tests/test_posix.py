@@ -961,6 +961,18 @@ def _cached_lookups_rise(env: Envfs, before: int) -> int:
     return now
 
 
+def _settled_cached_lookups(env: Envfs) -> int:
+    """The daemon's count of lookups answered from memory, once two reads agree (the
+    counters are published asynchronously)."""
+    previous = env.counters()["cached_lookups"]
+    while True:
+        time.sleep(0.2)
+        current = env.counters()["cached_lookups"]
+        if current == previous:
+            return current
+        previous = current
+
+
 def test_lookups_the_kernel_forgot_follow_every_change(store: Envfs) -> None:
     """A name the kernel looked up and forgot is answered from the daemon's memory;
     every change of a directory's entries (rename, create, unlink, link, rmdir,
@@ -1005,6 +1017,31 @@ def test_lookups_the_kernel_forgot_follow_every_change(store: Envfs) -> None:
     assert sorted(os.listdir(d)) == ["a", "sub2"]
     store.unmount()
     assert "damaged:   0 (clean)" in store.run("fsck", str(store.store)).stdout
+
+
+def test_an_unlink_forgets_only_its_own_name(store: Envfs) -> None:
+    """rm of one file keeps what the daemon remembers of its siblings' names (rm, find -delete
+    and cleaners go file by file), and forgets that one name."""
+    store.mount()
+    d = store.mnt  # no directory on the way, whose own lookup the counter would count
+    for name in "abcd":
+        (d / name).write_text(name)
+    ino = {name: os.stat(d / name).st_ino for name in "abcd"}
+    _forget_names()
+    for name in "abcd":
+        os.stat(d / name)  # looked up from the database, and remembered
+    os.unlink(d / "a")
+    _forget_names()
+    count = _settled_cached_lookups(store)
+    assert {name: os.stat(d / name).st_ino for name in "bcd"} == {name: ino[name] for name in "bcd"}
+    deadline = time.monotonic() + 5
+    while store.counters()["cached_lookups"] < count + 3:  # all three from memory
+        assert time.monotonic() < deadline, "the unlink made the daemon forget its siblings' names"
+        time.sleep(0.1)
+    assert not (d / "a").exists()
+    (d / "a").write_text("new")
+    _forget_names()
+    assert os.stat(d / "a").st_ino not in ino.values() and (d / "a").read_text() == "new"
 
 
 def test_st_blocks_follow_the_data_file(mounted: Path) -> None:
