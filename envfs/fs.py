@@ -271,6 +271,10 @@ class Operations(pyfuse3.Operations):
         # (`_touch_dir`).
         self._names: dict[int, dict[bytes, int]] = {}
         self._names_count = 0
+        # Directories whose every name is in `_names`: made by this mount and
+        # changed since only by additions and removals. A name not there is
+        # not in the directory (the lookups before each create of an untar).
+        self._complete_dirs: set[int] = set()
         # Cached inodes' st_blocks, with the (ctime, key epoch) it is for.
         self._st_blocks: dict[int, tuple[tuple[int, int], int]] = {}
         # The kernel asks for security.capability before every write, ls -l for
@@ -437,6 +441,7 @@ class Operations(pyfuse3.Operations):
         self._forgotten.clear()
         self._names.clear()
         self._names_count = 0
+        self._complete_dirs.clear()
         self._st_blocks.clear()
         for inode_id, inode in list(self._inodes.items()):
             values = self._deferred.get(inode_id)
@@ -652,10 +657,12 @@ class Operations(pyfuse3.Operations):
 
     def _child(self, parent: int, name_ct: bytes) -> Inode | None:
         known = self._names.get(parent)
-        child = self._inodes.get(known.get(name_ct, 0)) if known else None
-        if child is not None:
-            self.cached_lookups += 1
-            return child
+        if known is not None:
+            inode_id = known.get(name_ct)
+            child = self._inodes.get(inode_id) if inode_id is not None else None
+            if child is not None or (inode_id is None and parent in self._complete_dirs):
+                self.cached_lookups += 1
+                return child
         found = self.md.lookup_with_inode(parent, name_ct, self._inodes)
         if found is None:
             return None
@@ -667,6 +674,7 @@ class Operations(pyfuse3.Operations):
         if self._names_count >= LOOKUP_CACHE_SIZE:
             self._names.clear()
             self._names_count = 0
+            self._complete_dirs.clear()
         names = self._names.setdefault(parent, {})
         if name_ct not in names:
             self._names_count += 1
@@ -714,7 +722,11 @@ class Operations(pyfuse3.Operations):
             if names is not None and names.pop(removed, None) is not None:
                 self._names_count -= 1
             return
-        names = self._names.pop(directory.id, None)
+        self._forget_names_of(directory.id)
+
+    def _forget_names_of(self, directory_id: int) -> None:
+        self._complete_dirs.discard(directory_id)
+        names = self._names.pop(directory_id, None)
         if names:
             self._names_count -= len(names)
 
@@ -844,6 +856,8 @@ class Operations(pyfuse3.Operations):
         )  # fmt: skip
         if stat.S_ISDIR(mode):
             parent.nlink += 1
+            self._names[inode.id] = {}
+            self._complete_dirs.add(inode.id)
         self._touch_dir(parent, now, added=(name_ct, inode.id))
         self._inodes[inode.id] = inode
         self._without_xattrs.add(inode.id)  # the kernel asks for security.capability before each write
@@ -987,6 +1001,8 @@ class Operations(pyfuse3.Operations):
                 parent.nlink -= 1
             self._touch_dir(parent, now, removed=name_ct)
         self._dir_parents.pop(inode.id, None)
+        if directory:
+            self._forget_names_of(inode.id)
         self._maybe_delete(inode.id)
 
     def _drop_link(self, inode: Inode, now: int) -> None:

@@ -1044,6 +1044,35 @@ def test_an_unlink_forgets_only_its_own_name(store: Envfs) -> None:
     assert os.stat(d / "a").st_ino not in ino.values() and (d / "a").read_text() == "new"
 
 
+def test_a_new_directory_answers_missing_names_from_memory(store: Envfs) -> None:
+    """In a directory made by the mount, a name the daemon does not know is not there (the
+    lookup before each create of an untar); a rename into it ends that knowledge, and names
+    that arrive any way are found."""
+    store.mount()
+    (store.mnt / "elsewhere").write_text("moved")
+    new = store.mnt / "new"
+    new.mkdir()
+    count = _settled_cached_lookups(store)
+    for i in range(5):
+        assert not (new / f"missing-{i}").exists()
+    assert _settled_cached_lookups(store) >= count + 5, "missing names were looked up in SQLite"
+    (new / "created").write_text("c")
+    os.mkdir(new / "sub")
+    os.symlink("created", new / "link")
+    os.link(new / "created", new / "hard")
+    os.rename(store.mnt / "elsewhere", new / "moved")
+    os.unlink(new / "hard")
+    _forget_names()
+    assert sorted(os.listdir(new)) == ["created", "link", "moved", "sub"]
+    assert (new / "moved").read_text() == "moved" and (new / "link").read_text() == "c"
+    assert not (new / "hard").exists() and not (new / "missing-0").exists()
+    os.rmdir(new / "sub")
+    os.mkdir(new / "sub")
+    (new / "sub" / "x").write_text("x")
+    _forget_names()
+    assert os.listdir(new / "sub") == ["x"] and (new / "sub" / "x").read_text() == "x"
+
+
 def test_st_blocks_follow_the_data_file(mounted: Path) -> None:
     """st_blocks (du) is the data file's, after writes, truncation and a re-read of
     the attributes the kernel forgot."""
