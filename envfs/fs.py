@@ -399,18 +399,21 @@ class Operations(pyfuse3.Operations):
         self._request_saves.clear()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def _transaction(self, *, one_statement: bool = False) -> Iterator[None]:
         """`md.transaction()` for rows that change together, whose inode saves
         are deferred once it commits: a rolled-back transaction's changes to
-        cached inodes are undone with the request's failure."""
+        cached inodes are undone with the request's failure. `one_statement`:
+        one row statement and deferred saves, which a nearly full disk writes
+        at once (`_save`): several statements then."""
+        one_statement = one_statement and not self._low_space
         if self._transaction_saves is not None:
-            with self.md.transaction():
+            with self.md.transaction(one_statement=one_statement):
                 yield
             return
         saves: dict[int, Inode] = {}
         self._transaction_saves = saves
         try:
-            with self.md.transaction():
+            with self.md.transaction(one_statement=one_statement):
                 yield
         finally:
             self._transaction_saves = None
@@ -960,7 +963,7 @@ class Operations(pyfuse3.Operations):
         name_ct = self._encrypt_name(parent.id, new_name)
         if inode.nlink == 0:
             raise FUSEError(errno.ENOENT)
-        with self._transaction():
+        with self._transaction(one_statement=True):  # the entry's row; inode saves are deferred
             if not self.md.add_entry(parent, name_ct, inode.id):
                 raise FUSEError(errno.EEXIST)
             now = _now()
@@ -994,7 +997,7 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.ENOTEMPTY)
             self.md.check_entries(inode, 0)
         now = _now()
-        with self._transaction():
+        with self._transaction(one_statement=True):  # the entry's row; inode saves are deferred
             self.md.remove_entry(parent, name_ct, inode.id)
             self._drop_link(inode, now)
             if directory:

@@ -257,6 +257,7 @@ class Metadata:
         file that a crash left unmerged is not read then."""
         self._macs = _RowMacs(mac)
         self._depth = 0
+        self._statements_left: int | None = None  # inside a one-statement transaction
         self._grouping = False
         self._group_open = False
         self._group_started = 0.0
@@ -342,11 +343,14 @@ class Metadata:
         self._macs = None  # type: ignore[assignment]
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, one_statement: bool = False) -> Iterator[None]:
         """Changes that take effect together or not at all; nested uses join the outer one.
 
         Under group commits this is a savepoint inside the group transaction:
-        a failing request undoes its own changes and no one else's.
+        a failing request undoes its own changes and no one else's. With
+        `one_statement` the caller runs at most one changing statement, which
+        SQLite applies whole or not at all: under group commits no savepoint
+        is needed (two statements fewer for an unlink); a second one raises.
         """
         if self._depth:
             self._depth += 1
@@ -357,6 +361,15 @@ class Metadata:
             return
         self._depth = 1
         grouped = self._grouping
+        if grouped and one_statement:
+            self._begin_group()
+            self._statements_left = 1
+            try:
+                yield
+            finally:
+                self._depth = 0
+                self._statements_left = None
+            return
         if grouped:
             self._begin_group()
             self.db.execute("SAVEPOINT request")
@@ -378,6 +391,10 @@ class Metadata:
 
     def _change(self, sql: str, parameters: tuple[object, ...]) -> sqlite3.Cursor:
         """Run a statement that changes the database."""
+        if self._statements_left is not None:
+            if not self._statements_left:
+                raise AssertionError("a second statement in a one-statement transaction")
+            self._statements_left -= 1
         if self._grouping:
             self._begin_group()
             self._group_changes += 1
@@ -590,7 +607,7 @@ class Metadata:
 
     def delete_inode(self, inode_id: int, *, symlink: bool = True, xattrs: bool = True) -> None:
         """Delete an inode's rows; `symlink` or `xattrs` False: the caller knows it has none of those."""
-        with self.transaction():
+        with self.transaction(one_statement=not symlink and not xattrs):
             self._change("DELETE FROM inodes WHERE id=?", (inode_id,))
             if symlink:
                 self._change("DELETE FROM symlinks WHERE inode=?", (inode_id,))

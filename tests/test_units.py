@@ -451,6 +451,31 @@ def test_frozen_metadata_stays_still_until_its_next_change(tmp_path: Path) -> No
     md.close()
 
 
+def test_a_one_statement_transaction_needs_no_savepoint_and_allows_no_second(tmp_path: Path) -> None:
+    """Under group commits a one-statement transaction runs its statement without a savepoint
+    (SQLite applies a statement whole or not at all); a second statement is a programming error."""
+    md = Metadata(tmp_path / "meta.db", hmac.HMAC(b"m" * 32, hashes.SHA256()), create=True)
+    md.group_commits()
+    root = md.create_inode(**{**_FILE_FIELDS, "mode": 0o40755, "nlink": 2})
+    statements: list[str] = []
+    md.db.set_trace_callback(statements.append)
+    with md.transaction(one_statement=True):
+        assert md.add_entry(root, b"a", root.id)
+    assert statements and not any("SAVEPOINT" in sql or "RELEASE" in sql for sql in statements), statements
+    with pytest.raises(AssertionError), md.transaction(one_statement=True):
+        md.add_entry(root, b"b", root.id)
+        md.add_entry(root, b"c", root.id)  # refused before it runs; "b" has no savepoint to undo it
+    md.db.set_trace_callback(None)
+    md.commit()
+    assert md.lookup(root.id, b"a") is not None and md.lookup(root.id, b"b") is not None
+    assert md.lookup(root.id, b"c") is None
+    with md.transaction():  # an ordinary transaction after them: savepoints as before
+        assert md.add_entry(root, b"d", root.id)
+    md.commit()
+    assert md.lookup(root.id, b"d") is not None
+    md.close()
+
+
 def test_throttled_warning_counts_what_it_held_back(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
