@@ -109,6 +109,13 @@ class NotMounted(EnvfsError):
     exit_code = 32
 
 
+class UncleanUnmount(EnvfsError):
+    """`unmount`: the mount is gone, but its daemon ended without closing the
+    store (killed, crashed); the next mount recovers it."""
+
+    exit_code = 33
+
+
 class DamageFound(EnvfsError):
     """`envfs fsck` found damaged or inconsistent parts of the store."""
 

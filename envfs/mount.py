@@ -32,7 +32,7 @@ import trio
 
 from . import embedded, errors
 from .anchor import Anchor
-from .errors import BadMountpoint, CorruptStore, EnvfsError, MountFailed, NotMounted
+from .errors import BadMountpoint, CorruptStore, EnvfsError, MountFailed, NotMounted, UncleanUnmount
 from .fs import USAGE_WARNING_SECONDS, Operations, ThrottledWarning, delete_inode
 from .hsm import Hsm
 from .keys import KeyRing
@@ -608,11 +608,18 @@ def unmount(mountpoint: str, timeout: float = 60.0) -> None:
         return holder is not None and store.lock_holder() is not None
 
     deadline = time.monotonic() + timeout
+    which = f" (pid {pid})" if isinstance(pid, int) else ""
     while running():
         if time.monotonic() > deadline:
-            which = f" (pid {pid})" if isinstance(pid, int) else ""
             raise MountFailed(f"the envfs daemon{which} did not exit within {timeout:.0f} s")
         time.sleep(0.02)
+    left = store.record_of_dead_holder()
+    # The daemon unmounted here (or, with no holder, the one that had died before).
+    if left is not None and left.get("operation", "mount") == "mount" and (holder is None or left.get("pid") == pid):
+        raise UncleanUnmount(
+            f"{entry.mountpoint} is unmounted, but its daemon{which} ended without closing the store "
+            "(killed or crashed): the next mount recovers it"
+        )
 
 
 def _alive(pid: int) -> bool:

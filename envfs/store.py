@@ -370,6 +370,25 @@ class Store:
             os.close(fd)
             raise
 
+    def record_of_dead_holder(self) -> dict[str, Any] | None:
+        """The record a holder of the lock left when it died without letting go
+        (killed, crashed), while nobody holds the lock; None otherwise."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return None  # held
+            try:
+                return _read_record(fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
     def lock_holder(self) -> dict[str, Any] | None:
         """The pid and mountpoint of the daemon holding the lock, if any."""
         try:
@@ -380,15 +399,23 @@ class Store:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
-                data = os.pread(fd, 4096, 0)
-                try:
-                    return dict(json.loads(data))
-                except (ValueError, TypeError):
-                    return {"pid": None, "mountpoint": None}
+                return _read_record(fd) or {"pid": None, "mountpoint": None}
             fcntl.flock(fd, fcntl.LOCK_UN)
             return None
         finally:
             os.close(fd)
+
+
+def _read_record(fd: int) -> dict[str, Any] | None:
+    """The record in a lock file (`StoreLock`); None for an empty one (released,
+    or not written yet), one of unknown holder for one that is unreadable."""
+    data = os.pread(fd, 4096, 0)
+    if not data.strip():
+        return None
+    try:
+        return dict(json.loads(data))
+    except (ValueError, TypeError):
+        return {"pid": None, "mountpoint": None}
 
 
 def busy_with(holder: dict[str, Any] | None) -> str:

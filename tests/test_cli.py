@@ -763,6 +763,25 @@ def test_status_into_a_closed_pipe_ends_quietly(store: Envfs) -> None:
     assert result.returncode == 141 and result.stderr == ""
 
 
+def test_unmount_says_when_the_daemon_died_before_closing_the_store(store: Envfs) -> None:
+    """A daemon killed while mounted: `envfs unmount` clears its mount, and says in one line
+    (exit code 33) that the store was not closed; the next mount and unmount are clean."""
+    mount(store)
+    with open(store.mnt / "f", "w") as f:
+        f.write("kept")
+        f.flush()
+        os.fsync(f.fileno())  # a daemon killed loses what was not fsynced, as a crash does
+    store.kill_daemon()
+    result = store.run("unmount", str(store.mnt), check=False)
+    assert result.returncode == errors.UncleanUnmount.exit_code == 33, result.stderr
+    assert "without closing the store" in one_line(result.stderr)
+    assert str(store.mnt) not in envfs_mounts()
+    mount(store)
+    assert (store.mnt / "f").read_text() == "kept"
+    result = store.run("unmount", str(store.mnt), check=False)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
 def test_status_of_all_mounts_survives_a_mount_without_its_store(mounted: Path, envfs: Envfs) -> None:
     pid = envfs.daemon_pid()
     os.kill(pid, signal.SIGKILL)
@@ -947,6 +966,7 @@ EXIT_CODES = {
     "BadMountpoint": 30,
     "MountFailed": 31,
     "NotMounted": 32,
+    "UncleanUnmount": 33,
     "DamageFound": 40,
 }
 
