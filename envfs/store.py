@@ -373,35 +373,29 @@ class Store:
     def record_of_dead_holder(self) -> dict[str, Any] | None:
         """The record a holder of the lock left when it died without letting go
         (killed, crashed), while nobody holds the lock; None otherwise."""
-        try:
-            fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                return None  # held
-            try:
-                return _read_record(fd)
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        held, record = self._peek_lock()
+        return None if held else record
 
     def lock_holder(self) -> dict[str, Any] | None:
         """The pid and mountpoint of the daemon holding the lock, if any."""
+        held, record = self._peek_lock()
+        return (record or {"pid": None, "mountpoint": None}) if held else None
+
+    def _peek_lock(self) -> tuple[bool, dict[str, Any] | None]:
+        """Whether someone holds the lock, and the record in the lock file."""
         try:
             fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None
+            return False, None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError:
-                return _read_record(fd) or {"pid": None, "mountpoint": None}
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
+                return True, _read_record(fd)
+            try:
+                return False, _read_record(fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 
