@@ -727,10 +727,13 @@ class Metadata:
         return True
 
     def remove_entry(self, parent: Inode, name: bytes, inode: int) -> None:
-        """Remove the entry `name` of `parent`, which names `inode` (the caller looked it up)."""
+        """Remove the entry `name` of `parent`, which names `inode` (the caller looked it up,
+        in the database or in what it remembers of it)."""
         # Not DELETE ... RETURNING in place of the caller's lookup: measured slower
         # than a SELECT and a DELETE (12.0 against 11.2 µs on tmpfs).
-        self._change("DELETE FROM dentries WHERE parent=? AND name=?", (parent.id, name))
+        if self._change("DELETE FROM dentries WHERE parent=? AND name=?", (parent.id, name)).rowcount != 1:
+            # Nothing was deleted: the directory's digest must not change either.
+            raise IntegrityError(f"directory {parent.id}: the entry of inode {inode} to remove is not there")
         parent.entries ^= self._macs.element(parent.id, inode, name)
 
     def repoint_entry(self, parent: Inode, name: bytes, old_inode: int, inode: int) -> None:
