@@ -110,7 +110,7 @@ def metrics(cfg: Config) -> list[Metric]:
         Metric("md5sum", "md5sum of every file", "s", False),
         Metric("rm", "rm -rf", "s", False),
         Metric("md5_derivations", "md5sum: HSM derivations", "count", False, envfs),
-        Metric("md5_derivation_share", "md5sum: share of first-open overhead (est.)", "%", False, envfs),
+        Metric("md5_key_wait_share", "md5sum: share of time opens waited for file keys", "%", False, envfs),
         Metric("create", f"create {n} small files", "s", False),
         Metric("stat", f"stat {n} files", "s", False),
         Metric("open", f"open + read 1 B + close {n} files", "opens/s", True),
@@ -497,7 +497,10 @@ def source_tree(t: Target, d: Path, cfg: Config) -> Figures:
         ["bash", "-c", "set -o pipefail; find . -type f -print0 | xargs -0 md5sum >/dev/null"], cwd=d
     )
     if t.store:
-        figures["md5_derivations"] = t.counters()["hsm_derivations"] - before["hsm_derivations"]
+        after = t.counters()
+        figures["md5_derivations"] = after["hsm_derivations"] - before["hsm_derivations"]
+        key_wait = (after["key_wait_us"] - before["key_wait_us"]) / 1e6
+        figures["md5_key_wait_share"] = key_wait / figures["md5sum"] * 100
     drop_caches()
     figures["rm"] = timed(["rm", "-rf", str(d / os.listdir(d)[0])])
     return figures
@@ -704,17 +707,7 @@ def summarize(results: Results, cfg: Config) -> list[dict[str, object]]:
                 "envfs/plain": ratio(envfs, values.get("plain")) if "plain" in m.only else None,
             }
         )
-    add_first_open_share(rows)
     return rows
-
-
-def add_first_open_share(rows: list[dict[str, object]]) -> None:
-    """Estimate the share of envfs's md5sum time spent on first opens (HSM derivations), from the medians."""
-    envfs = {r["key"]: r["values"].get("envfs") for r in rows}  # type: ignore[attr-defined]
-    count, cost, total = envfs["md5_derivations"], envfs["first_open_overhead"], envfs["md5sum"]
-    if count is not None and cost is not None and total:
-        share = count * cost / 1000 / total * 100
-        next(r for r in rows if r["key"] == "md5_derivation_share")["values"] = {"envfs": share}
 
 
 def check_targets(rows: list[dict[str, object]], rss: list[float]) -> list[dict[str, object]]:

@@ -485,6 +485,7 @@ class Operations(pyfuse3.Operations):
         return {
             "hsm_derivations": self.keys.derivations,
             "prefetched_keys_used": self.keys.prefetch_hits,
+            "key_wait_us": self.keys.key_wait_ns // 1000,
             "data_file_opens": self.data_opens,
             "open_files": len(self._open),
             "open_handles": len(self._handles),

@@ -107,6 +107,7 @@ def test_one_derivation_per_open_file(store: Envfs) -> None:
     # In listing order each open finds its key derived ahead, at the previous
     # open: still one derivation per file, none wasted.
     assert after["hsm_derivations"] - before["hsm_derivations"] == 20
+    assert after["key_wait_us"] > before["key_wait_us"]  # the time the opens spent getting their keys
     # Several handles on one file share one key: one derivation (f19, the last
     # file listed, has no next file whose key an open would prefetch).
     fds = [os.open(store.mnt / "f19", os.O_RDONLY | os.O_DIRECT) for _ in range(5)]
