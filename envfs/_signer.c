@@ -395,16 +395,22 @@ static PyObject *Signer_collect(Signer *self, PyObject *args) {
     return PyLong_FromUnsignedLong(rv);
 }
 
+/* With the lock held: drop a job; a running one's result is wiped by the thread when it is done. */
+static void cancel(Signer *self, Job *job) {
+    if (job->state == RUNNING)
+        job->state = ABANDONED;
+    else if (job->state != FREE && job->state != ABANDONED)
+        release(self, job);
+}
+
 static PyObject *Signer_cancel(Signer *self, PyObject *args) {
     unsigned long long ticket;
     if (!PyArg_ParseTuple(args, "K", &ticket) || check_open(self))
         return NULL;
     pthread_mutex_lock(&self->lock);
     Job *job = find(self, ticket);
-    if (job && job->state == RUNNING)
-        job->state = ABANDONED; /* the thread wipes its result when it is done */
-    else if (job && job->state != ABANDONED)
-        release(self, job);
+    if (job)
+        cancel(self, job);
     pthread_mutex_unlock(&self->lock);
     Py_RETURN_NONE;
 }
@@ -413,26 +419,10 @@ static PyObject *Signer_cancel_all(Signer *self, PyObject *unused) {
     if (check_open(self))
         return NULL;
     pthread_mutex_lock(&self->lock);
-    for (int i = 0; i < SLOTS; i++) {
-        Job *job = &self->jobs[i];
-        if (job->state == RUNNING)
-            job->state = ABANDONED;
-        else if (job->state != FREE && job->state != ABANDONED)
-            release(self, job);
-    }
+    for (int i = 0; i < SLOTS; i++)
+        cancel(self, &self->jobs[i]);
     pthread_mutex_unlock(&self->lock);
     Py_RETURN_NONE;
-}
-
-static PyObject *Signer_pending(Signer *self, PyObject *unused) {
-    int count = 0;
-    if (check_open(self))
-        return NULL;
-    pthread_mutex_lock(&self->lock);
-    for (int i = 0; i < SLOTS; i++)
-        count += self->jobs[i].state != FREE;
-    pthread_mutex_unlock(&self->lock);
-    return PyLong_FromLong(count);
 }
 
 static PyMethodDef Signer_methods[] = {
@@ -451,7 +441,6 @@ static PyMethodDef Signer_methods[] = {
      "CKR_FUNCTION_CANCELED for a ticket cancelled, unknown, or queued while paused"},
     {"cancel", (PyCFunction)Signer_cancel, METH_VARARGS, "cancel(ticket): drop the job; its result is wiped"},
     {"cancel_all", (PyCFunction)Signer_cancel_all, METH_NOARGS, "cancel_all(): cancel every job"},
-    {"pending", (PyCFunction)Signer_pending, METH_NOARGS, "pending() -> int: jobs not yet collected or freed"},
     {"close", (PyCFunction)Signer_close, METH_NOARGS, "close(): stop the thread and wipe every result"},
     {NULL, NULL, 0, NULL},
 };

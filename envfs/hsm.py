@@ -163,10 +163,7 @@ class _Module:
         return int(address)
 
     def __getattr__(self, name: str) -> Callable[..., int]:
-        address = getattr(self._functions, name)
-        if not address:
-            raise HsmError(f"{self.path}: the module does not implement {name}")
-        function = ctypes.CFUNCTYPE(_CK_RV, *_SIGNATURES[name])(address)
+        function = ctypes.CFUNCTYPE(_CK_RV, *_SIGNATURES[name])(self.address(name))
         setattr(self, name, function)
         return function
 
