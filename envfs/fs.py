@@ -642,6 +642,13 @@ class Operations(pyfuse3.Operations):
         self._st_blocks[inode.id] = (when, blocks)
         return blocks
 
+    def _data_file_unchanged(self, inode: Inode, blocks_as_of: tuple[int, int]) -> None:
+        """The inode's ctime moved and its data file stayed as it was (a chmod,
+        chown or utimens): the st_blocks known as of the old ctime still hold."""
+        known = self._st_blocks.get(inode.id)
+        if known is not None and known[0] == blocks_as_of:
+            self._st_blocks[inode.id] = ((inode.ctime_ns, inode.key_epoch), known[1])
+
     def _lookup_ref(self, inode: Inode) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that gives the kernel one more reference."""
         self._lookups[inode.id] = self._lookups.get(inode.id, 0) + 1
@@ -775,6 +782,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:  # fmt: skip
         inode = self._inode(inode_id)
         now = _now()
+        blocks_as_of = (inode.ctime_ns, inode.key_epoch)
         if fields.update_size:
             if stat.S_ISDIR(inode.mode):
                 raise FUSEError(errno.EISDIR)
@@ -796,6 +804,8 @@ class Operations(pyfuse3.Operations):
             inode.mode = _mode_after_data_change(inode.mode, ctx.uid, ctx.gid, ctx.pid, inode.gid)
         inode.ctime_ns = _clamp_time(attr.st_ctime_ns) if fields.update_ctime else now
         self._save(inode)
+        if not fields.update_size:
+            self._data_file_unchanged(inode, blocks_as_of)
         return self._attrs(inode)
 
     def _truncate(self, inode: Inode, size: int, now: int) -> None:
@@ -827,11 +837,14 @@ class Operations(pyfuse3.Operations):
         return self._open_data(inode), True
 
     def _open_data(self, inode: Inode) -> DataFile:
+        return self._open_data_file(inode.id, inode.key_version, inode.key_epoch, inode.size)
+
+    def _open_data_file(self, inode_id: int, key_version: int, key_epoch: int, size: int) -> DataFile:
         self.data_opens += 1
         return open_data_file(
-            self.keys.file_cipher(inode.id, inode.key_version, inode.key_epoch),
-            lambda: self.store.open_data_file(inode.id, inode.key_version, inode.key_epoch, create=inode.size == 0),
-            inode.size,
+            self.keys.file_cipher(inode_id, key_version, key_epoch),
+            lambda: self.store.open_data_file(inode_id, key_version, key_epoch, create=size == 0),
+            size,
         )
 
     # -- creating --------------------------------------------------------------
@@ -840,7 +853,11 @@ class Operations(pyfuse3.Operations):
         self, parent: Inode, name_ct: bytes, mode: int, ctx: pyfuse3.RequestContext, rdev: int = 0, size: int = 0,
         inode_id: int | None = None,
     ) -> Inode:  # fmt: skip
-        """A new inode under the (encrypted) name `name_ct` of `parent`; EEXIST if it is taken."""
+        """A new inode under the (encrypted) name `name_ct` of `parent`; EEXIST if it is taken.
+
+        One statement, the entry's insert: the inode's row is written with
+        the group commit (`Metadata.create_inode`), and the saves are deferred.
+        """
         if inode_id is None:
             inode_id = self.md.allocate_inode_id()
         if not self.md.add_entry(parent, name_ct, inode_id):
@@ -877,7 +894,7 @@ class Operations(pyfuse3.Operations):
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise FUSEError(errno.EINVAL)
         name_ct = self._encrypt_name(parent.id, name)
-        with self._transaction():
+        with self._transaction(one_statement=True):  # the entry's row (`_new_inode`)
             inode = self._new_inode(parent, name_ct, mode, ctx, rdev=rdev)
         return self._lookup_ref(inode)
 
@@ -887,7 +904,7 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
         name_ct = self._encrypt_name(parent.id, name)
-        with self._transaction():
+        with self._transaction(one_statement=True):  # the entry's row (`_new_inode`)
             inode = self._new_inode(parent, name_ct, stat.S_IFDIR | stat.S_IMODE(mode), ctx)
         return self._lookup_ref(inode)
 
@@ -921,18 +938,18 @@ class Operations(pyfuse3.Operations):
         parent = self._dir(parent_inode)
         name_ct = self._encrypt_name(parent.id, name)
         inode_id = self._next_file_id or self.md.allocate_inode_id()
-        opened: list[DataFile] = []
+        key_version = self.keys.superblock.current_key_version
+        # Its data file first: a create that cannot make it (no file descriptor
+        # left, no inode on the backing filesystem) fails whole and leaves no
+        # name behind; and the rows are then one statement, the entry's (the
+        # inode's row is written with the group).
+        data = self._open_data_file(inode_id, key_version, 0, 0)
         try:
-            with self._transaction():
+            with self._transaction(one_statement=True):
                 inode = self._new_inode(parent, name_ct, stat.S_IFREG | stat.S_IMODE(mode), ctx, inode_id=inode_id)
-                # Its data file in the same transaction: a create that cannot
-                # make it (no file descriptor left, no inode on the backing
-                # filesystem) fails whole and leaves no name behind.
-                opened.append(self._open_data(inode))
         except BaseException as e:
-            for data in opened:  # made, then its rows rolled back: nothing names it
-                data.close()
-                self.store.remove_data_file(inode_id, self.keys.superblock.current_key_version, 0)
+            data.close()  # made, and no row names it
+            self.store.remove_data_file(inode_id, key_version, 0)
             if not isinstance(e, FUSEError):
                 raise
             existing = self._child(parent.id, name_ct) if e.errno == errno.EEXIST else None
@@ -945,8 +962,9 @@ class Operations(pyfuse3.Operations):
             info = await self.open(existing.id, flags, ctx)
             return info, self._lookup_ref(existing)
         self._next_file_id = None
+        self._st_blocks[inode.id] = ((inode.ctime_ns, inode.key_epoch), 0)  # its data file was made empty
         attrs = self._lookup_ref(inode)
-        info = self._open_handle(inode, ctx, opened[0])
+        info = self._open_handle(inode, ctx, data)
         # Files tend to come in runs (untar, cp -r): the next one's key is derived
         # while the kernel and the application work on this one.
         self._next_file_id = self.md.allocate_inode_id()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import stat
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -110,33 +111,82 @@ def pyfuse3_error() -> type[BaseException]:
     return pyfuse3.FUSEError
 
 
+def _fail_in_touch_dir(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Make the next change of a directory's entries fail after it changed the
+    directory in memory; returns the real `_touch_dir`, to put back."""
+    touch = Operations._touch_dir
+
+    def touch_then_fail(self: Operations, directory: Any, now: int, **change: Any) -> None:
+        touch(self, directory, now, **change)
+        raise OSError(errno.EIO, "the disk failed")
+
+    monkeypatch.setattr(Operations, "_touch_dir", touch_then_fail)
+    return touch
+
+
+def assert_entries_match_digest(ops: Operations, directory: int) -> list[bytes]:
+    """The directory's rows against its entry set digest; returns their names (ciphertext)."""
+    inode = ops.md.get_inode(directory)
+    assert inode is not None
+    entries = [entry for entry, _ in ops.md.entries_with_inodes(directory, 0, 1000, {})]
+    digest = 0
+    for entry in entries:
+        digest ^= ops.md.entry_element(entry)
+    ops.md.check_entries(inode, digest)
+    return [entry.name for entry in entries]
+
+
 def test_a_rolled_back_transaction_takes_only_its_own_changes(ops: Operations, monkeypatch: pytest.MonkeyPatch) -> None:
-    """mkdir fails inside its transaction after it raised the parent's link count:
-    the entry, the new inode and the parent's change go; a chmod acknowledged
-    before stays."""
+    """symlink fails inside its transaction (a savepoint: two rows) after it
+    changed the directory: the entry, the new inode and the directory's change
+    go; a chmod acknowledged before stays."""
+    a, a_fh = new_file(ops, b"a")
+    call(ops.release, a_fh)
+    ops.commit()
+    root_before = ops.md.get_inode(ROOT_INODE)
+    call(ops.setattr, a, attrs(st_mode=0o100600, st_ctime_ns=0), fields(update_mode=True), None, CTX)
+    touch = _fail_in_touch_dir(monkeypatch)
+    with pytest.raises(pyfuse3_error()) as failed:
+        call(ops.symlink, ROOT_INODE, b"l", b"target", CTX)
+    assert failed.value.errno == errno.EIO
+    monkeypatch.setattr(Operations, "_touch_dir", touch)
+    assert call(ops.lookup, ROOT_INODE, b"l", CTX).st_ino == 0
+    ops.commit()
+    assert ops.md.get_inode(ROOT_INODE) == root_before
+    assert len(assert_entries_match_digest(ops, ROOT_INODE)) == 1
+    assert stored_mode(ops, a) & 0o777 == 0o600
+    # The next symlink works.
+    call(ops.symlink, ROOT_INODE, b"l", b"target", CTX)
+    ops.commit()
+    assert len(assert_entries_match_digest(ops, ROOT_INODE)) == 2
+
+
+def test_a_failure_after_a_one_statement_change_rolls_the_group_back(
+    ops: Operations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mkdir is one statement, the entry's row (its inode's row waits for the
+    commit): a failure after it cannot take that row back alone, so the group
+    goes back to its last commit, and with it what the mount kept in memory,
+    rather than leave an entry whose inode and link count are gone."""
     a, a_fh = new_file(ops, b"a")
     call(ops.release, a_fh)
     ops.commit()
     call(ops.setattr, a, attrs(st_mode=0o100600, st_ctime_ns=0), fields(update_mode=True), None, CTX)
-    touch = Operations._touch_dir
-
-    def touch_then_fail(self: Operations, directory: Any, now: int) -> None:
-        touch(self, directory, now)
-        raise OSError(errno.EIO, "the disk failed")
-
-    monkeypatch.setattr(Operations, "_touch_dir", touch_then_fail)
+    touch = _fail_in_touch_dir(monkeypatch)
     with pytest.raises(pyfuse3_error()) as failed:
         call(ops.mkdir, ROOT_INODE, b"d", stat.S_IFDIR | 0o755, CTX)
     assert failed.value.errno == errno.EIO
     monkeypatch.setattr(Operations, "_touch_dir", touch)
     assert call(ops.getattr, ROOT_INODE, CTX).st_nlink == 2
     assert call(ops.lookup, ROOT_INODE, b"d", CTX).st_ino == 0
-    ops.commit()
-    root = ops.md.get_inode(ROOT_INODE)
-    assert root is not None and root.nlink == 2
-    assert stored_mode(ops, a) & 0o777 == 0o600
+    assert call(ops.getattr, a, CTX).st_mode & 0o777 == 0o644  # lost with the group, in memory too
+    with pytest.raises(sqlite3.OperationalError):
+        ops.commit()  # the loss is the next commit's error (an fsync's EIO)
+    assert len(assert_entries_match_digest(ops, ROOT_INODE)) == 1
+    assert stored_mode(ops, a) & 0o777 == 0o644
     # The next mkdir works and counts once.
     call(ops.mkdir, ROOT_INODE, b"d", stat.S_IFDIR | 0o755, CTX)
     ops.commit()
     root = ops.md.get_inode(ROOT_INODE)
     assert root is not None and root.nlink == 3
+    assert len(assert_entries_match_digest(ops, ROOT_INODE)) == 2

@@ -1074,8 +1074,8 @@ def test_a_new_directory_answers_missing_names_from_memory(store: Envfs) -> None
 
 
 def test_st_blocks_follow_the_data_file(mounted: Path) -> None:
-    """st_blocks (du) is the data file's, after writes, truncation and a re-read of
-    the attributes the kernel forgot."""
+    """st_blocks (du) is the data file's, after creation, writes, attribute changes,
+    truncation and a re-read of the attributes the kernel forgot."""
     f = mounted / "f"
     f.write_bytes(b"")
     assert os.stat(f).st_blocks == 0
@@ -1083,6 +1083,9 @@ def test_st_blocks_follow_the_data_file(mounted: Path) -> None:
         out.write(os.urandom(1 << 20))
     grown = os.stat(f).st_blocks
     assert grown * 512 >= 1 << 20
+    os.chmod(f, 0o600)  # attribute changes leave the data file, and its blocks, as they were
+    os.utime(f, (1, 1))
+    assert os.stat(f).st_blocks == grown
     os.truncate(f, 4096)
     assert os.stat(f).st_blocks * 512 < 64 << 10
     with open(f, "ab") as out:

@@ -453,26 +453,73 @@ def test_frozen_metadata_stays_still_until_its_next_change(tmp_path: Path) -> No
 
 def test_a_one_statement_transaction_needs_no_savepoint_and_allows_no_second(tmp_path: Path) -> None:
     """Under group commits a one-statement transaction runs its statement without a savepoint
-    (SQLite applies a statement whole or not at all); a second statement is a programming error."""
+    (SQLite applies a statement whole or not at all); a second statement is a programming error,
+    and so is any failure after the first: with no savepoint to take that one back alone, the
+    group goes back to its last commit."""
     md = Metadata(tmp_path / "meta.db", hmac.HMAC(b"m" * 32, hashes.SHA256()), create=True)
     md.group_commits()
     root = md.create_inode(**{**_FILE_FIELDS, "mode": 0o40755, "nlink": 2})
+    md.commit()
     statements: list[str] = []
     md.db.set_trace_callback(statements.append)
     with md.transaction(one_statement=True):
         assert md.add_entry(root, b"a", root.id)
     assert statements and not any("SAVEPOINT" in sql or "RELEASE" in sql for sql in statements), statements
-    with pytest.raises(AssertionError), md.transaction(one_statement=True):
-        md.add_entry(root, b"b", root.id)
-        md.add_entry(root, b"c", root.id)  # refused before it runs; "b" has no savepoint to undo it
     md.db.set_trace_callback(None)
     md.commit()
-    assert md.lookup(root.id, b"a") is not None and md.lookup(root.id, b"b") is not None
-    assert md.lookup(root.id, b"c") is None
+    with md.transaction(one_statement=True):
+        assert md.add_entry(root, b"b", root.id)
+    with pytest.raises(AssertionError), md.transaction(one_statement=True):
+        md.add_entry(root, b"c", root.id)
+        md.add_entry(root, b"d", root.id)  # refused before it runs
+    assert md.group_rolled_back()
+    with pytest.raises(sqlite3.OperationalError):
+        md.commit()  # the group's loss is its commit's error
+    assert md.lookup(root.id, b"a") is not None
+    assert md.lookup(root.id, b"b") is None and md.lookup(root.id, b"c") is None
     with md.transaction():  # an ordinary transaction after them: savepoints as before
-        assert md.add_entry(root, b"d", root.id)
+        assert md.add_entry(root, b"e", root.id)
     md.commit()
-    assert md.lookup(root.id, b"d") is not None
+    assert md.lookup(root.id, b"e") is not None
+    md.close()
+
+
+def _inode_rows(md: Metadata) -> set[int]:
+    return {row[0] for row in md.db.execute("SELECT id FROM inodes")}
+
+
+def test_new_inode_rows_are_written_with_the_group(tmp_path: Path) -> None:
+    """Under group commits a new inode's row waits for the commit, with the
+    values of its last save, or for the first query that reads the inodes;
+    a transaction that fails takes back its new inodes, its saves and
+    deletes of them, and the rows a query wrote for them inside it."""
+    md = Metadata(tmp_path / "meta.db", hmac.HMAC(b"m" * 32, hashes.SHA256()), create=True)
+    md.group_commits()
+    root = md.create_inode(**{**_FILE_FIELDS, "mode": 0o40755, "nlink": 2})
+    assert _inode_rows(md) == set()
+    kept, gone = md.create_inode(**_FILE_FIELDS), md.create_inode(**_FILE_FIELDS)
+    kept.size = 10
+    md.save_inode(kept)
+    md.delete_inode(gone.id)
+    with pytest.raises(RuntimeError), md.transaction():
+        md.create_inode(**_FILE_FIELDS)
+        kept.size = 99
+        md.save_inode(kept)
+        raise RuntimeError
+    kept.size = 10
+    with pytest.raises(RuntimeError), md.transaction():
+        assert md.get_inode(root.id) == root  # a query: the rows are written, inside the savepoint
+        assert _inode_rows(md) == {root.id, kept.id}
+        raise RuntimeError
+    assert _inode_rows(md) == set()  # rolled back with it, and waiting again
+    with pytest.raises(AssertionError), md.transaction(one_statement=True):
+        md.get_inode(root.id)  # the rows' insert would be a second, unguarded statement
+    md.commit()
+    assert _inode_rows(md) == {root.id, kept.id}
+    md.close()
+    md = Metadata(tmp_path / "meta.db", hmac.HMAC(b"m" * 32, hashes.SHA256()))
+    stored = md.get_inode(kept.id)  # its MAC checked
+    assert stored is not None and stored.size == 10
     md.close()
 
 
