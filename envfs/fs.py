@@ -418,7 +418,7 @@ class Operations(pyfuse3.Operations):
         finally:
             self._transaction_saves = None
         # Its rows stay in the group whatever the rest of the request does (a
-        # create that then finds no file descriptor for the data file): its
+        # failure after the transaction, in the reply's preparation): its
         # inode changes count from here, as a finished request's do, so that
         # a later failure undoes only what came after, and a directory's
         # digest stays in step with its entry rows.
