@@ -1,0 +1,64 @@
+"""The same system calls on envfs and on ext4 give the same results.
+
+`syscall_battery.py` runs 127 calls (names, links, renames, special files,
+attributes, xattrs, holes, fallocate modes, copies, locks, mmap, and what an
+unprivileged user may do) in a directory of the filesystem the tests run on, which
+must be ext4, and in an envfs mount; every result must match but the few that
+envfs answers differently on purpose, which are checked for their own answers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import Envfs
+
+BATTERY = Path(__file__).with_name("syscall_battery.py")
+
+# Where envfs differs from ext4 on purpose, with what envfs answers.
+KNOWN_DIFFERENCES = {
+    # pyfuse3 has no handler for FUSE_TMPFILE: programs fall back to a named file.
+    "O_TMPFILE": "ENOTSUP",
+    # Shifting every block after a range would re-encrypt each (their index is in their AAD).
+    "collapse a range": "ENOTSUP",
+    "insert a range": "ENOTSUP",
+    # A hole is a whole block (4 KiB of plaintext) with no ciphertext; the last block of
+    # this file has some, so the first hole from inside it is the end of the file.
+    "SEEK_HOLE in the last block, a hole on ext4": "70000",
+}
+
+
+def battery(directory: Path) -> dict[str, str]:
+    result = subprocess.run(
+        [sys.executable, str(BATTERY), str(directory)], capture_output=True, text=True, timeout=120, check=True
+    )
+    return json.loads(result.stdout)
+
+
+def filesystem_type(path: Path) -> str:
+    return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.timeout(180)
+def test_system_calls_answer_as_on_ext4(store: Envfs, tmp_path: Path) -> None:
+    reference = tmp_path / "ext4"
+    reference.mkdir()
+    if filesystem_type(reference) != "ext2/ext3":  # how stat(1) names ext4
+        pytest.skip(f"the tests run on {filesystem_type(reference)}, not ext4")
+    store.mount("--allow-other")  # the battery's unprivileged calls run as nobody
+    try:
+        expected, got = battery(reference), battery(store.mnt)
+    finally:
+        store.unmount()
+    assert expected.keys() == got.keys()
+    differences = {
+        name: {"ext4": expected[name], "envfs": got[name]}
+        for name in expected
+        if got[name] != expected[name] and name not in KNOWN_DIFFERENCES
+    }
+    assert not differences, json.dumps(differences, indent=1)
+    assert {name: got[name] for name in KNOWN_DIFFERENCES} == KNOWN_DIFFERENCES
