@@ -60,8 +60,18 @@ def _set(name: str, value: str) -> None:
     (TRACING / name).write_text(value)
 
 
+def _buffer_size_kb() -> str:
+    """The trace buffer's size per CPU: "1408", or "7 (expanded: 1408)" before its first use."""
+    text = (TRACING / "buffer_size_kb").read_text()
+    match = re.search(r"expanded: (\d+)", text) or re.match(r"(\d+)", text)
+    return match.group(1) if match else "1408"
+
+
 def traced(run: Callable[[], None]) -> tuple[float, str]:
-    """Run `run` with the FUSE request events recorded; its time and the trace."""
+    """Run `run` with the FUSE request events recorded; its time and the trace.
+    The trace buffer (300 MB per CPU while it runs) and clock are put back after."""
+    clock = re.search(r"\[(\w+)\]", (TRACING / "trace_clock").read_text())
+    buffer_kb = _buffer_size_kb()
     _set("trace_clock", "mono")
     _set("buffer_size_kb", "300000")
     _set("trace", "")
@@ -71,11 +81,14 @@ def traced(run: Callable[[], None]) -> tuple[float, str]:
         start = time.perf_counter()
         run()
         wall = time.perf_counter() - start
+        trace = (TRACING / "trace").read_text()
     finally:
         for event in EVENTS:
             _set(f"events/{event}/enable", "0")
-    trace = (TRACING / "trace").read_text()
-    _set("trace", "")
+        _set("trace", "")
+        _set("buffer_size_kb", buffer_kb)
+        if clock:
+            _set("trace_clock", clock.group(1))
     return wall, trace
 
 
