@@ -102,13 +102,11 @@ class Anchor:
     def read(self) -> AnchorValue | None:
         """The anchor as the token holds it; None for a store that has none yet.
         Of two objects (a writer died while replacing one) the later counts."""
-        with self._keys.token() as hsm:
-            values = [AnchorValue.unpack(raw, self.label) for raw in hsm.read_data(self.label)]
+        values = [AnchorValue.unpack(raw, self.label) for raw in self._keys.hsm.read_data(self.label)]
         return max(values, key=AnchorValue.order, default=None)
 
     def _write(self, value: AnchorValue) -> None:
-        with self._keys.token() as hsm:
-            hsm.replace_data(self.label, value.pack())
+        self._keys.hsm.replace_data(self.label, value.pack())
 
     def problem(self, value: AnchorValue | None, remedy: str | None = None) -> str | None:
         """Why meta.db is not the file a clean anchor describes, with what to do

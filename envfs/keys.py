@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from hmac import compare_digest
 from typing import NamedTuple
 
@@ -52,11 +50,6 @@ class KeyRing:
     def _derive(self, key_version: int, info: bytes) -> Secret:
         self.derivations += 1
         return self.hsm.derive(self.superblock.key(key_version).label, info)
-
-    @contextmanager
-    def token(self) -> Iterator[Hsm]:
-        """The HSM session for a call that is not a derivation (the store's anchor)."""
-        yield self.hsm
 
     def check_value(self, key_version: int) -> str:
         with self._derive(key_version, kdf.key_check_info(self.superblock.uuid, key_version)) as secret:

@@ -687,10 +687,7 @@ class Metadata:
 
     def save_values(self, values: tuple[int, ...]) -> None:
         """`save_inode` of an inode given as its `inode_values`."""
-        if values[0] in self._unwritten:
-            self._set_unwritten(values[0], values)
-        else:
-            self.save_inode(Inode(*values))
+        self.save_inode(Inode(*values))
 
     def delete_inode(self, inode_id: int, *, symlink: bool = True, xattrs: bool = True) -> None:
         """Delete an inode's rows; `symlink` or `xattrs` False: the caller knows it has none of those."""

@@ -952,11 +952,13 @@ def _forget_names() -> None:
         f.write("2\n")
 
 
-def _cached_lookups_rise(env: Envfs, before: int) -> int:
-    """The daemon's count of lookups answered from memory, once it is above `before`."""
+def _cached_lookups_rise(
+    env: Envfs, before: int, by: int = 1, why: str = "no lookup was answered from the daemon's cache"
+) -> int:
+    """The daemon's count of lookups answered from memory, once it is `by` above `before`."""
     deadline = time.monotonic() + 5
-    while (now := env.counters()["cached_lookups"]) <= before:
-        assert time.monotonic() < deadline, "no lookup was answered from the daemon's cache"
+    while (now := env.counters()["cached_lookups"]) < before + by:
+        assert time.monotonic() < deadline, why
         time.sleep(0.1)
     return now
 
@@ -1034,10 +1036,7 @@ def test_an_unlink_forgets_only_its_own_name(store: Envfs) -> None:
     _forget_names()
     count = _settled_cached_lookups(store)
     assert {name: os.stat(d / name).st_ino for name in "bcd"} == {name: ino[name] for name in "bcd"}
-    deadline = time.monotonic() + 5
-    while store.counters()["cached_lookups"] < count + 3:  # all three from memory
-        assert time.monotonic() < deadline, "the unlink made the daemon forget its siblings' names"
-        time.sleep(0.1)
+    _cached_lookups_rise(store, count, by=3, why="the unlink made the daemon forget its siblings' names")
     assert not (d / "a").exists()
     (d / "a").write_text("new")
     _forget_names()
