@@ -5,6 +5,7 @@ attributes, xattrs, holes, fallocate modes, copies, locks, mmap, and what an
 unprivileged user may do) in a directory of the filesystem the tests run on, which
 must be ext4, and in an envfs mount; every result must match but the few that
 envfs answers differently on purpose, which are checked for their own answers.
+`namespace_fuzz.py` runs random namespace operations in both, side by side.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from helpers import Envfs
+from namespace_fuzz import NamespaceFuzz
 
 BATTERY = Path(__file__).with_name("syscall_battery.py")
 
@@ -43,12 +45,18 @@ def filesystem_type(path: Path) -> str:
     return subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True).stdout.strip()
 
 
-@pytest.mark.timeout(180)
-def test_system_calls_answer_as_on_ext4(store: Envfs, tmp_path: Path) -> None:
+def ext4_directory(tmp_path: Path) -> Path:
+    """A directory on ext4 for the reference answers; the test skips where the tests run elsewhere."""
     reference = tmp_path / "ext4"
     reference.mkdir()
     if filesystem_type(reference) != "ext2/ext3":  # how stat(1) names ext4
         pytest.skip(f"the tests run on {filesystem_type(reference)}, not ext4")
+    return reference
+
+
+@pytest.mark.timeout(180)
+def test_system_calls_answer_as_on_ext4(store: Envfs, tmp_path: Path) -> None:
+    reference = ext4_directory(tmp_path)
     store.mount("--allow-other")  # the battery's unprivileged calls run as nobody
     try:
         expected, got = battery(reference), battery(store.mnt)
@@ -62,3 +70,27 @@ def test_system_calls_answer_as_on_ext4(store: Envfs, tmp_path: Path) -> None:
     }
     assert not differences, json.dumps(differences, indent=1)
     assert {name: got[name] for name in KNOWN_DIFFERENCES} == KNOWN_DIFFERENCES
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_namespace_operations_answer_as_on_ext4(store: Envfs, tmp_path: Path, seed: int) -> None:
+    """3,000 random makes, removes, renames, links, opens and uses of held descriptors:
+    every answer as ext4's, the trees the same as they go, after a remount, and fsck clean."""
+    reference = ext4_directory(tmp_path)
+    store.mount()
+    subject = store.mnt / "tree"
+    subject.mkdir()
+    fuzz = NamespaceFuzz(reference, subject, seed)
+    try:
+        fuzz.run(3000)
+        fuzz.compare_trees(" at the end")
+    finally:
+        fuzz.close_held()
+    store.remount()
+    fuzz.compare_trees(" after a remount")
+    store.unmount()
+    result = store.run("fsck", str(store.store), check=False)
+    assert result.returncode == 0 and "leftovers: 0" in result.stdout, result.stdout + result.stderr
+    done = {name: fuzz.outcomes[f"{name}: ok"] for name in ("rename", "link", "unlink", "rmdir", "write", "setxattr")}
+    assert min(done.values()) >= 5, done  # the draws reached every kind of change

@@ -1,0 +1,313 @@
+"""Random namespace operations run side by side in two directories, answers compared.
+
+Makes, removes, renames (with RENAME_NOREPLACE and RENAME_EXCHANGE), links and
+symlinks names in a small tree of three names three levels deep, so that
+operations collide: over files, over directories, into their own children,
+on names open in held descriptors. Each operation runs in both directories and
+must give the same answer (a value, or the same errno); every so often, and at
+the end, the two trees must be the same: names, types, permissions, link counts,
+sizes, contents, symlink targets, user xattrs, and which names are hard links
+of one another. For test_against_ext4.py, with ext4 as the reference.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import hashlib
+import os
+import random
+import shutil
+import stat
+from pathlib import Path
+
+NAMES = ("a", "b", "c")
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+class Divergence(AssertionError):
+    """The two directories answered an operation differently, or their trees differ."""
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    if _libc.renameat2(_AT_FDCWD, old.encode(), _AT_FDCWD, new.encode(), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def answer(call: collections.abc.Callable[[], object]) -> object:
+    """What a call returned, or the name of its errno."""
+    try:
+        return call()
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, str(e.errno))
+
+
+def describe_stat(st: os.stat_result) -> tuple[object, ...]:
+    kind = stat.S_IFMT(st.st_mode)
+    return (kind, stat.S_IMODE(st.st_mode), st.st_nlink, None if kind == stat.S_IFDIR else st.st_size, st.st_uid)
+
+
+def tree(root: Path) -> dict[str, object]:
+    """Everything under `root` that the comparison covers, with hard links as groups of names."""
+    entries: dict[str, object] = {}
+    by_inode: dict[int, list[str]] = collections.defaultdict(list)
+    for directory, subdirectories, files in os.walk(root):
+        for name in sorted(subdirectories + files):
+            path = os.path.join(directory, name)
+            relative = os.path.relpath(path, root)
+            st = os.lstat(path)
+            item: list[object] = list(describe_stat(st))
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    item.append(hashlib.sha256(f.read()).hexdigest()[:16])
+                by_inode[st.st_ino].append(relative)
+            elif stat.S_ISLNK(st.st_mode):
+                item.append(os.readlink(path))
+            if not stat.S_ISLNK(st.st_mode):
+                names = sorted(n for n in os.listxattr(path, follow_symlinks=False) if n.startswith("user."))
+                item.append({n: os.getxattr(path, n, follow_symlinks=False).hex() for n in names})
+            entries[relative] = item
+    entries["hard links"] = sorted(sorted(names) for names in by_inode.values() if len(names) > 1)
+    return entries
+
+
+class NamespaceFuzz:
+    """Random operations (from `seed`) on `reference` and `subject`, compared as they go."""
+
+    def __init__(self, reference: Path, subject: Path, seed: int) -> None:
+        self.roots = (reference, subject)
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.done = 0
+        self.recent: collections.deque[str] = collections.deque(maxlen=25)
+        self.held: list[tuple[int, int]] = []  # descriptors held open: (reference's, subject's)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.outcomes: collections.Counter[str] = collections.Counter()  # "rename: ok", "rename: ENOTEMPTY", ...
+
+    # -- drawing ---------------------------------------------------------------
+
+    def path(self) -> str:
+        """Mostly a name that exists in the reference, or a new name in one of its
+        directories; sometimes any path (through files, symlinks, missing names)."""
+        if self.rng.random() < 0.25:
+            return "/".join(self.rng.choice(NAMES) for _ in range(self.rng.randint(1, 3)))
+        reference = self.roots[0]
+        existing = [""] + [
+            os.path.relpath(os.path.join(d, n), reference)
+            for d, subdirectories, files in os.walk(reference)
+            for n in subdirectories + files
+        ]
+        base = self.rng.choice(existing)
+        if base and (base.count("/") == 2 or not os.path.isdir(reference / base) or self.rng.random() < 0.5):
+            return base
+        return os.path.join(base, self.rng.choice(NAMES))
+
+    def data(self) -> bytes:
+        return self.rng.randbytes(self.rng.choice((0, 1, 100, 4096, 5000, 70_000)))
+
+    # -- running ---------------------------------------------------------------
+
+    # How often each operation is drawn: enough making that the tree fills, and
+    # enough removing that it does not fill up with directories, FIFOs and symlinks.
+    WEIGHTS = {
+        "write_file": 10, "rename": 12, "link": 6, "unlink": 6, "hold": 4, "use_held": 6, "mkdir": 4,
+        "rmdir": 3, "remove_tree": 1, "symlink": 2, "mkfifo": 1, "readlink": 1, "chmod": 2, "truncate": 2,
+        "lstat": 2, "stat": 2, "listdir": 2, "read": 3, "xattr": 4, "close_held": 3,
+    }  # fmt: skip
+
+    def run(self, count: int) -> None:
+        names = list(self.WEIGHTS)
+        weights = [self.WEIGHTS[name] for name in names]
+        for _ in range(count):
+            (name,) = self.rng.choices(names, weights)
+            self.done += 1
+            self.counts[name] += 1
+            getattr(self, "op_" + name)()
+            if self.done % 40 == 0:
+                self.compare_trees()
+
+    def both(self, what: str, call: collections.abc.Callable[[Path], object]) -> tuple[object, object]:
+        reference, subject = (answer(lambda root=root: call(root)) for root in self.roots)
+        self.recent.append(f"{self.done}: {what} -> {reference!r}")
+        failed = isinstance(reference, str) and reference in errno.errorcode.values()
+        self.outcomes[f"{what.split()[0]}: {reference if failed else 'ok'}"] += 1
+        if reference != subject:
+            self.fail(f"{what}: {subject!r}, where the reference answers {reference!r}")
+        return reference, subject
+
+    def on_held(self, what: str, call: collections.abc.Callable[[int], object]) -> None:
+        if not self.held:
+            return
+        index = self.rng.randrange(len(self.held))
+        fds = self.held[index]
+        answers = [answer(lambda fd=fd: call(fd)) for fd in fds]
+        self.recent.append(f"{self.done}: {what} on held #{index} -> {answers[0]!r}")
+        if answers[0] != answers[1]:
+            self.fail(f"{what} on held #{index}: {answers[1]!r}, where the reference answers {answers[0]!r}")
+
+    def fail(self, message: str) -> None:
+        history = "\n  ".join(self.recent)
+        raise Divergence(f"namespace fuzz seed {self.seed}, operation {self.done}: {message}\nbefore it:\n  {history}")
+
+    def compare_trees(self, why: str = "") -> None:
+        reference, subject = (tree(root) for root in self.roots)
+        if reference != subject:
+            differing = sorted(k for k in reference.keys() | subject.keys() if reference.get(k) != subject.get(k))
+            details = "; ".join(f"{k}: {subject.get(k)!r}, reference {reference.get(k)!r}" for k in differing[:5])
+            self.fail(f"the trees differ{why} at {len(differing)} names: {details}")
+        self.recent.append(f"{self.done}: trees compared{why}")
+
+    def close_held(self) -> None:
+        for fds in self.held:
+            for fd in fds:
+                os.close(fd)
+        self.held.clear()
+
+    # -- operations (each runs in both directories) ----------------------------
+
+    def op_mkdir(self) -> None:
+        p, mode = self.path(), self.rng.choice((0o755, 0o700, 0o1777))
+        self.both(f"mkdir {p} {mode:o}", lambda root: os.mkdir(root / p, mode))
+
+    def op_rmdir(self) -> None:
+        p = self.path()
+        self.both(f"rmdir {p}", lambda root: os.rmdir(root / p))
+
+    def op_write_file(self) -> None:
+        p, data = self.path(), self.data()
+        # O_NONBLOCK: a FIFO without a reader answers ENXIO rather than block.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | self.rng.choice((os.O_TRUNC, os.O_EXCL, os.O_APPEND, 0))
+
+        def write(root: Path) -> int:
+            fd = os.open(root / p, flags, 0o644)
+            try:
+                return os.write(fd, data)
+            finally:
+                os.close(fd)
+
+        self.both(f"write {p} {len(data)} bytes, flags {flags:o}", write)
+
+    def op_remove_tree(self) -> None:
+        p = self.path()
+
+        def remove(root: Path) -> None:
+            if not (root / p).is_dir() or (root / p).is_symlink():
+                raise OSError(errno.ENOTDIR, "not a directory")
+            shutil.rmtree(root / p)
+
+        self.both(f"rm -r {p}", remove)
+
+    def op_unlink(self) -> None:
+        p = self.path()
+        self.both(f"unlink {p}", lambda root: os.unlink(root / p))
+
+    def op_rename(self) -> None:
+        p, q = self.path(), self.path()
+        flags = self.rng.choice((0, 0, _RENAME_NOREPLACE, _RENAME_EXCHANGE))
+        self.both(f"rename {p} {q} flags {flags}", lambda root: renameat2(str(root / p), str(root / q), flags))
+
+    def op_link(self) -> None:
+        p, q = self.path(), self.path()
+        self.both(f"link {p} {q}", lambda root: os.link(root / p, root / q))
+
+    def op_symlink(self) -> None:
+        p, target = self.path(), self.rng.choice((self.path(), "../" + self.path(), "/nonexistent/" + "x" * 300))
+        self.both(f"symlink {p} -> {target}", lambda root: os.symlink(target, root / p))
+
+    def op_readlink(self) -> None:
+        p = self.path()
+        self.both(f"readlink {p}", lambda root: os.readlink(root / p))
+
+    def op_mkfifo(self) -> None:
+        p = self.path()
+        self.both(f"mkfifo {p}", lambda root: os.mkfifo(root / p, 0o640))
+
+    def op_chmod(self) -> None:
+        p, mode = self.path(), self.rng.choice((0o600, 0o644, 0o755, 0o4755, 0o2711, 0o1700))
+        self.both(f"chmod {p} {mode:o}", lambda root: os.chmod(root / p, mode))
+
+    def op_truncate(self) -> None:
+        p, size = self.path(), self.rng.choice((0, 1, 4095, 4096, 10_000, 100_000))
+        self.both(f"truncate {p} {size}", lambda root: os.truncate(root / p, size))
+
+    def op_lstat(self) -> None:
+        p = self.path()
+        self.both(f"lstat {p}", lambda root: describe_stat(os.lstat(root / p)))
+
+    def op_stat(self) -> None:
+        p = self.path()
+        self.both(f"stat {p}", lambda root: describe_stat(os.stat(root / p)))
+
+    def op_listdir(self) -> None:
+        p = self.rng.choice((self.path(), "."))
+        self.both(f"listdir {p}", lambda root: sorted(os.listdir(root / p)))
+
+    def op_read(self) -> None:
+        p = self.path()
+
+        def read(root: Path) -> str:
+            fd = os.open(root / p, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO reads as empty
+            try:
+                return hashlib.sha256(os.read(fd, 1 << 20)).hexdigest()[:16]
+            finally:
+                os.close(fd)
+
+        self.both(f"read {p}", read)
+
+    def op_xattr(self) -> None:
+        p, name = self.path(), "user." + self.rng.choice(NAMES)
+        kind = self.rng.randrange(4)
+        if kind == 0:
+            value, flags = self.data()[:300], self.rng.choice((0, os.XATTR_CREATE, os.XATTR_REPLACE))
+            self.both(f"setxattr {p} {name} flags {flags}", lambda root: os.setxattr(root / p, name, value, flags))
+        elif kind == 1:
+            self.both(f"removexattr {p} {name}", lambda root: os.removexattr(root / p, name))
+        elif kind == 2:
+            self.both(f"getxattr {p} {name}", lambda root: os.getxattr(root / p, name).hex())
+        else:
+            self.both(f"listxattr {p}", lambda root: sorted(n for n in os.listxattr(root / p) if n.startswith("user.")))
+
+    def op_hold(self) -> None:
+        """Open a name and keep the descriptor: later operations use it after the name moved or went."""
+        p = self.path()
+        flags = self.rng.choice((os.O_RDWR, os.O_RDONLY, os.O_RDONLY | os.O_DIRECTORY, os.O_RDWR | os.O_CREAT))
+        fds = [answer(lambda root=root: os.open(root / p, flags | os.O_NONBLOCK, 0o600)) for root in self.roots]
+        opened = [isinstance(fd, int) for fd in fds]
+        self.recent.append(f"{self.done}: open {p} flags {flags:o} (held) -> {fds[0] if not opened[0] else 'opened'}")
+        if opened != [True, True]:
+            for fd in fds:
+                if isinstance(fd, int):
+                    os.close(fd)
+            if fds[0] != fds[1]:
+                self.fail(f"open {p} flags {flags:o}: {fds[1]!r}, where the reference answers {fds[0]!r}")
+            return
+        self.held.append((int(fds[0]), int(fds[1])))  # type: ignore[call-overload]
+        if len(self.held) > 8:
+            for fd in self.held.pop(0):
+                os.close(fd)
+
+    def op_use_held(self) -> None:
+        kind, data = self.rng.randrange(5), self.data()
+        if kind == 0:
+            self.on_held(f"write {len(data)} bytes", lambda fd: os.write(fd, data))
+        elif kind == 1:
+            self.on_held("pread", lambda fd: hashlib.sha256(os.pread(fd, 1 << 20, 0)).hexdigest()[:16])
+        elif kind == 2:
+            self.on_held("fstat", lambda fd: describe_stat(os.fstat(fd)))
+        elif kind == 3:
+            self.on_held("ftruncate 5000", lambda fd: os.ftruncate(fd, 5000))
+        else:
+            self.on_held("fchmod 640", lambda fd: os.fchmod(fd, 0o640))
+
+    def op_close_held(self) -> None:
+        if self.held:
+            fds = self.held.pop(self.rng.randrange(len(self.held)))
+            for fd in fds:
+                os.close(fd)
+            self.recent.append(f"{self.done}: close a held descriptor")
