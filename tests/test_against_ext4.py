@@ -81,7 +81,7 @@ def test_random_namespace_operations_answer_as_on_ext4(store: Envfs, tmp_path: P
     store.mount()
     subject = store.mnt / "tree"
     subject.mkdir()
-    fuzz = NamespaceFuzz(reference, subject, seed)
+    fuzz = NamespaceFuzz((reference, subject), seed)
     try:
         fuzz.run(3000)
         fuzz.compare_trees(" at the end")
