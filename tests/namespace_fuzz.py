@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import stat
+import time
 from pathlib import Path
 
 NAMES = ("a", "b", "c")
@@ -58,6 +59,21 @@ def answer(call: collections.abc.Callable[[], object]) -> object:
 def describe_stat(st: os.stat_result) -> tuple[object, ...]:
     kind = stat.S_IFMT(st.st_mode)
     return (kind, stat.S_IMODE(st.st_mode), st.st_nlink, None if kind == stat.S_IFDIR else st.st_size, st.st_uid)
+
+
+def stamps(root: Path) -> dict[str, tuple[int, int]]:
+    """(mtime, ctime) in nanoseconds of `root` and every name under it but FIFOs:
+    data through a FIFO never reaches a FUSE daemon, and the kernel does not
+    stamp a FUSE inode's times itself, so a FIFO's times move on ext4 only."""
+    st = os.lstat(root)
+    found = {".": (st.st_mtime_ns, st.st_ctime_ns)}
+    for directory, subdirectories, files in os.walk(root):
+        for name in subdirectories + files:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            if not stat.S_ISFIFO(st.st_mode):
+                found[os.path.relpath(path, root)] = (st.st_mtime_ns, st.st_ctime_ns)
+    return found
 
 
 def tree(root: Path) -> dict[str, object]:
@@ -129,14 +145,19 @@ class NamespaceFuzz:
         "lstat": 2, "stat": 2, "listdir": 2, "read": 3, "xattr": 4, "close_held": 3,
     }  # fmt: skip
 
-    def run(self, count: int) -> None:
+    def run(self, count: int, *, times: bool = False) -> None:
+        """`count` operations; with `times`, each must also change the same
+        modification and change times as the reference's (`compare_times`)."""
         names = list(self.WEIGHTS)
         weights = [self.WEIGHTS[name] for name in names]
         for _ in range(count):
             (name,) = self.rng.choices(names, weights)
             self.done += 1
             self.counts[name] += 1
-            getattr(self, "op_" + name)()
+            if times:
+                self.compare_times(name, getattr(self, "op_" + name))
+            else:
+                getattr(self, "op_" + name)()
             if self.done % 40 == 0 and len(self.roots) > 1:
                 self.compare_trees()
 
@@ -173,6 +194,29 @@ class NamespaceFuzz:
             details = "; ".join(f"{k}: {subject.get(k)!r}, reference {reference.get(k)!r}" for k in differing[:5])
             self.fail(f"the trees differ{why} at {len(differing)} names: {details}")
         self.recent.append(f"{self.done}: trees compared{why}")
+
+    def compare_times(self, name: str, operation: collections.abc.Callable[[], None]) -> None:
+        """Run `operation`; the names whose mtime or ctime it changed must be the reference's.
+
+        ext4 stamps times from a clock that ticks every few milliseconds: the
+        pause before the operation makes any update it does a visible change.
+        """
+        time.sleep(0.006)
+        before = [stamps(root) for root in self.roots]
+        operation()
+        after = [stamps(root) for root in self.roots]
+        changes = [
+            {
+                (path, field)
+                for path, old in was.items()
+                for field, index in (("mtime", 0), ("ctime", 1))
+                if path in now and now[path][index] != old[index]
+            }
+            for was, now in zip(before, after, strict=True)
+        ]
+        for change in changes[1:]:
+            if change != changes[0]:
+                self.fail(f"{name} changed the times {sorted(change)}; the reference's {sorted(changes[0])}")
 
     def close_held(self) -> None:
         for fds in self.held:

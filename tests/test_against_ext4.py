@@ -5,7 +5,8 @@ attributes, xattrs, holes, fallocate modes, copies, locks, mmap, and what an
 unprivileged user may do) in a directory of the filesystem the tests run on, which
 must be ext4, and in an envfs mount; every result must match but the few that
 envfs answers differently on purpose, which are checked for their own answers.
-`namespace_fuzz.py` runs random namespace operations in both, side by side.
+`namespace_fuzz.py` runs random namespace operations in both, side by side, and
+compares the times each changes.
 """
 
 from __future__ import annotations
@@ -94,3 +95,18 @@ def test_random_namespace_operations_answer_as_on_ext4(store: Envfs, tmp_path: P
     assert result.returncode == 0 and "leftovers: 0" in result.stdout, result.stdout + result.stderr
     done = {name: fuzz.outcomes[f"{name}: ok"] for name in ("rename", "link", "unlink", "rmdir", "write", "setxattr")}
     assert min(done.values()) >= 5, done  # the draws reached every kind of change
+
+
+@pytest.mark.timeout(300)
+def test_random_namespace_operations_change_the_times_ext4_changes(store: Envfs, tmp_path: Path) -> None:
+    """500 random operations, each of which must change the modification and change
+    times of the same names as on ext4 (FIFOs aside: see `namespace_fuzz.stamps`)."""
+    reference = ext4_directory(tmp_path)
+    store.mount()
+    subject = store.mnt / "tree"
+    subject.mkdir()
+    fuzz = NamespaceFuzz((reference, subject), seed=11)
+    try:
+        fuzz.run(500, times=True)
+    finally:
+        fuzz.close_held()
