@@ -20,11 +20,12 @@ import ctypes
 import errno
 import hashlib
 import os
+import pickle
 import random
-import shutil
 import stat
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 NAMES = ("a", "b", "c")
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
@@ -58,7 +59,54 @@ def answer(call: collections.abc.Callable[[], object]) -> object:
 
 def describe_stat(st: os.stat_result) -> tuple[object, ...]:
     kind = stat.S_IFMT(st.st_mode)
-    return (kind, stat.S_IMODE(st.st_mode), st.st_nlink, None if kind == stat.S_IFDIR else st.st_size, st.st_uid)
+    size = None if kind == stat.S_IFDIR else st.st_size
+    return (kind, stat.S_IMODE(st.st_mode), st.st_nlink, size, st.st_uid, st.st_gid)
+
+
+class User(NamedTuple):
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+# Who runs the operations with `users`: two users who share group 1002, and root.
+USERS = (User("root", 0, 0, ()), User("alice", 1000, 1000, (1000, 1002)), User("bob", 1001, 1001, (1001, 1002)))
+
+
+def answer_as(user: User, root: Path, call: collections.abc.Callable[[Path], object]) -> object:
+    """`answer(call)` in a child process that works in `root` (reached as root, so that
+    its parents need not be open to `user`) with `user`'s credentials."""
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(reader)
+            os.chdir(root)
+            os.setgroups(list(user.groups))
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+            with os.fdopen(writer, "wb") as out:
+                pickle.dump(answer(lambda: call(Path("."))), out)
+        finally:
+            os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as result:
+        data = result.read()
+    os.waitpid(pid, 0)
+    return pickle.loads(data) if data else "no answer"
+
+
+def remove_tree(path: Path) -> None:
+    """rm -r in name order, stopping at the first error: shutil.rmtree goes in
+    listing order, which differs between filesystems, and would leave different
+    names behind when it stops at a name it may not remove."""
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        for name in sorted(os.listdir(path)):
+            remove_tree(path / name)
+        os.rmdir(path)
+    else:
+        os.unlink(path)
 
 
 def stamps(root: Path) -> dict[str, tuple[int, int]]:
@@ -104,8 +152,14 @@ class NamespaceFuzz:
     """Random operations (from `seed`) in each of `roots` (the first is the reference),
     compared as they go."""
 
-    def __init__(self, roots: tuple[Path, ...], seed: int) -> None:
+    def __init__(self, roots: tuple[Path, ...], seed: int, *, users: bool = False) -> None:
+        """With `users`, each operation (but opening a descriptor to hold) runs as
+        one of USERS, in roots that every user may write to."""
         self.roots = roots
+        self.users = users
+        if users:
+            for root in roots:
+                os.chmod(root, 0o777)
         self.seed = seed
         self.rng = random.Random(seed)
         self.done = 0
@@ -142,7 +196,7 @@ class NamespaceFuzz:
     WEIGHTS = {
         "write_file": 10, "rename": 12, "link": 6, "unlink": 6, "hold": 4, "use_held": 6, "mkdir": 4,
         "rmdir": 3, "remove_tree": 1, "symlink": 2, "mkfifo": 1, "readlink": 1, "chmod": 2, "truncate": 2,
-        "lstat": 2, "stat": 2, "listdir": 2, "read": 3, "xattr": 4, "close_held": 3,
+        "lstat": 2, "stat": 2, "listdir": 2, "read": 3, "xattr": 4, "close_held": 3, "chown": 2, "utime": 2,
     }  # fmt: skip
 
     def run(self, count: int, *, times: bool = False) -> None:
@@ -163,7 +217,12 @@ class NamespaceFuzz:
 
     def everywhere(self, what: str, call: collections.abc.Callable[[Path], object]) -> list[object]:
         """Run `call` on every root; their answers must agree."""
-        answers = [answer(lambda root=root: call(root)) for root in self.roots]
+        if self.users:
+            user = self.rng.choice(USERS)
+            answers = [answer_as(user, root, call) for root in self.roots]
+            what += f" as {user.name}"
+        else:
+            answers = [answer(lambda root=root: call(root)) for root in self.roots]
         self.agree(what, answers)
         return answers
 
@@ -227,7 +286,7 @@ class NamespaceFuzz:
     # -- operations (each runs in every root) ----------------------------------
 
     def op_mkdir(self) -> None:
-        p, mode = self.path(), self.rng.choice((0o755, 0o700, 0o1777))
+        p, mode = self.path(), self.rng.choice((0o755, 0o700, 0o1777, 0o2777))
         self.everywhere(f"mkdir {p} {mode:o}", lambda root: os.mkdir(root / p, mode))
 
     def op_rmdir(self) -> None:
@@ -252,9 +311,9 @@ class NamespaceFuzz:
         p = self.path()
 
         def remove(root: Path) -> None:
-            if not (root / p).is_dir() or (root / p).is_symlink():
+            if not stat.S_ISDIR(os.lstat(root / p).st_mode):
                 raise OSError(errno.ENOTDIR, "not a directory")
-            shutil.rmtree(root / p)
+            remove_tree(root / p)
 
         self.everywhere(f"rm -r {p}", remove)
 
@@ -272,7 +331,10 @@ class NamespaceFuzz:
         self.everywhere(f"link {p} {q}", lambda root: os.link(root / p, root / q))
 
     def op_symlink(self) -> None:
-        p, target = self.path(), self.rng.choice((self.path(), "../" + self.path(), "/nonexistent/" + "x" * 300))
+        p = self.path()
+        # Relative targets stay inside the tree, whose parent differs between the roots.
+        up = "../" * self.rng.randint(0, p.count("/"))
+        target = self.rng.choice((up + self.path(), "/nonexistent/" + "x" * 300))
         self.everywhere(f"symlink {p} -> {target}", lambda root: os.symlink(target, root / p))
 
     def op_readlink(self) -> None:
@@ -284,8 +346,18 @@ class NamespaceFuzz:
         self.everywhere(f"mkfifo {p}", lambda root: os.mkfifo(root / p, 0o640))
 
     def op_chmod(self) -> None:
-        p, mode = self.path(), self.rng.choice((0o600, 0o644, 0o755, 0o4755, 0o2711, 0o1700))
+        p, mode = self.path(), self.rng.choice((0o600, 0o644, 0o755, 0o4755, 0o2711, 0o1700, 0o2777, 0o6777))
         self.everywhere(f"chmod {p} {mode:o}", lambda root: os.chmod(root / p, mode))
+
+    def op_chown(self) -> None:
+        p, uid, gid = self.path(), self.rng.choice((-1, -1, 0, 1000, 1001)), self.rng.choice((-1, 0, 1000, 1001, 1002))
+        self.everywhere(f"chown {p} {uid}:{gid}", lambda root: os.chown(root / p, uid, gid, follow_symlinks=False))
+
+    def op_utime(self) -> None:
+        p, times = self.path(), self.rng.choice((None, (1_000_000_000, 2_000_000_000)))
+        self.everywhere(
+            f"utime {p} {times}", lambda root: os.utime(root / p, ns=times) if times else os.utime(root / p)
+        )
 
     def op_truncate(self) -> None:
         p, size = self.path(), self.rng.choice((0, 1, 4095, 4096, 10_000, 100_000))

@@ -110,3 +110,28 @@ def test_random_namespace_operations_change_the_times_ext4_changes(store: Envfs,
         fuzz.run(500, times=True)
     finally:
         fuzz.close_held()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("times", [False, True])
+def test_random_namespace_operations_of_three_users_answer_as_on_ext4(
+    store: Envfs, tmp_path: Path, times: bool
+) -> None:
+    """Root and two users who share a group make, remove, rename, link, chmod, chown,
+    utime and open in one tree: every EACCES and EPERM as on ext4 (and with `times`,
+    every change of the times), the same trees, and fsck clean."""
+    reference = ext4_directory(tmp_path)
+    store.mount("--allow-other")
+    subject = store.mnt / "tree"
+    subject.mkdir()
+    fuzz = NamespaceFuzz((reference, subject), seed=21 + times, users=True)
+    try:
+        fuzz.run(400 if times else 1500, times=times)
+        fuzz.compare_trees(" at the end")
+    finally:
+        fuzz.close_held()
+    store.unmount()
+    result = store.run("fsck", str(store.store), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    refused = sum(n for outcome, n in fuzz.outcomes.items() if outcome.endswith(("EACCES", "EPERM")))
+    assert refused >= 20, fuzz.outcomes  # the users were refused often enough to test it
