@@ -4,22 +4,27 @@ Namespace threads (`namespace_fuzz.py` with one root) make, remove, rename and
 link names in one shared tree while fsx threads (`fsx.py`) write, truncate and
 map their own files. No answer may be EIO or ENOTCONN, the fsx files must match
 their models, the link counts must be what the tree says, the tree must be
-the same after a remount, and fsck must be clean.
+the same after a remount, and fsck must be clean. The same threads, killed
+with the daemon, must leave a store that fsck finds clean and whose link
+counts and files are whole after the next mount.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import random
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fsx import Exerciser
+from fsx import Exerciser, Mismatch
 from helpers import Envfs
-from namespace_fuzz import NamespaceFuzz, tree
+from namespace_fuzz import Divergence, NamespaceFuzz, tree
 
 
 def link_count_errors(root: Path) -> list[str]:
@@ -100,3 +105,64 @@ def stress(store: Envfs, seed: int, operations: int) -> None:
     store.unmount()
     result = store.run("fsck", str(store.store), check=False)
     assert result.returncode == 0 and "leftovers: 0" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", [300, 301, 302])
+def test_a_killed_daemon_in_the_middle_of_namespace_threads(store: Envfs, seed: int) -> None:
+    """Four namespace threads and an fsx thread at work when the daemon is killed:
+    fsck finds no damage, and after the next mount every link count is what the
+    tree says, every file reads whole, and the threads can go on."""
+    rng = random.Random(seed)
+    store.mount()
+    shared = store.mnt / "shared"
+    shared.mkdir()
+    stopped = threading.Event()
+    ended: list[tuple[float, BaseException]] = []  # when and how threads ended before they were stopped
+
+    def fuzz(fuzzer: NamespaceFuzz) -> None:
+        try:
+            while not stopped.is_set():
+                fuzzer.run(10)
+        except Divergence as e:
+            ended.append((time.monotonic(), e))
+
+    def exercise(exerciser: Exerciser) -> None:
+        try:
+            while not stopped.is_set():
+                exerciser.run(10)
+        except Mismatch as e:
+            ended.append((time.monotonic(), e))
+
+    for round_ in range(3):
+        stopped.clear()
+        ended.clear()
+        fuzzers = [NamespaceFuzz((shared,), seed * 10 + round_ * 4 + i) for i in range(4)]
+        exerciser = Exerciser(store.mnt / f"data{round_}", seed + round_, max_size=256 * 1024, mapped=False)
+        threads = [threading.Thread(target=fuzz, args=(f,)) for f in fuzzers]
+        threads.append(threading.Thread(target=exercise, args=(exerciser,)))
+        for thread in threads:
+            thread.start()
+        time.sleep(rng.uniform(0.5, 2.0))
+        killed = time.monotonic()
+        store.kill_daemon()
+        stopped.set()
+        for thread in threads:
+            thread.join()
+        # Whatever a dying mount answers (ENOTCONN, ECONNABORTED, a short write) ends a
+        # thread after the kill; nothing may before it.
+        assert [error for at, error in ended if at < killed] == []
+        for fuzzer in fuzzers:
+            for fds in fuzzer.held:
+                for fd in fds:
+                    os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(exerciser.fd)
+        result = store.run("fsck", str(store.store), check=False)
+        assert result.returncode == 0, f"round {round_}: {result.stdout}{result.stderr}"
+        store.mount()
+        assert sum(f.done for f in fuzzers) > 50, "the threads did little before the kill"
+        assert link_count_errors(shared) == [], f"round {round_}"
+        for path in shared.rglob("*"):
+            if path.is_file() and not path.is_symlink() and not stat.S_ISFIFO(path.lstat().st_mode):
+                path.read_bytes()  # EIO here would be a block that does not authenticate
