@@ -425,17 +425,24 @@ class NamespaceFuzz:
                 os.close(fd)
 
     def op_use_held(self) -> None:
-        kind, data = self.rng.randrange(5), self.data()
-        if kind == 0:
-            self.on_held(f"write {len(data)} bytes", lambda fd: os.write(fd, data))
-        elif kind == 1:
-            self.on_held("pread", lambda fd: hashlib.sha256(os.pread(fd, 1 << 20, 0)).hexdigest()[:16])
-        elif kind == 2:
-            self.on_held("fstat", lambda fd: describe_stat(os.fstat(fd)))
-        elif kind == 3:
-            self.on_held("ftruncate 5000", lambda fd: os.ftruncate(fd, 5000))
-        else:
-            self.on_held("fchmod 640", lambda fd: os.fchmod(fd, 0o640))
+        """A call on a held descriptor, whose name may since have moved or gone."""
+        data, name = self.data(), "user." + self.rng.choice(NAMES)
+        calls: list[tuple[str, collections.abc.Callable[[int], object]]] = [
+            (f"write {len(data)} bytes", lambda fd: os.write(fd, data)),
+            ("pread", lambda fd: hashlib.sha256(os.pread(fd, 1 << 20, 0)).hexdigest()[:16]),
+            ("fstat", lambda fd: describe_stat(os.fstat(fd))),
+            ("ftruncate 5000", lambda fd: os.ftruncate(fd, 5000)),
+            ("fchmod 640", lambda fd: os.fchmod(fd, 0o640)),
+            ("fchown 1000:1002", lambda fd: os.fchown(fd, 1000, 1002)),
+            ("fsync", os.fsync),
+            ("futimes", lambda fd: os.utime(fd, ns=(3_000_000_000, 4_000_000_000))),
+            (f"fsetxattr {name}", lambda fd: os.setxattr(fd, name, data[:100])),
+            (f"fgetxattr {name}", lambda fd: os.getxattr(fd, name).hex()),
+            ("flistxattr", lambda fd: sorted(n for n in os.listxattr(fd) if n.startswith("user."))),
+            ("listdir of the descriptor", lambda fd: sorted(os.listdir(fd))),
+        ]
+        what, call = self.rng.choice(calls)
+        self.on_held(what, call)
 
     def op_close_held(self) -> None:
         if self.held:
