@@ -109,6 +109,25 @@ def remove_tree(path: Path) -> None:
         os.unlink(path)
 
 
+def clock_step(directory: Path) -> float:
+    """The smallest step of the time stamps a filesystem gives (seconds), at least 1 ms:
+    a clock tick (4 ms at HZ=250) where times come from the coarse clock."""
+    probe = directory / ".clock-probe"
+    probe.touch()
+    try:
+        steps, last = [], os.stat(probe).st_mtime_ns
+        deadline = time.monotonic() + 0.05
+        while time.monotonic() < deadline or not steps:
+            os.utime(probe)
+            now = os.stat(probe).st_mtime_ns
+            if now != last:
+                steps.append(now - last)
+                last = now
+        return max(min(steps) / 1e9, 0.001)
+    finally:
+        probe.unlink()
+
+
 def stamps(root: Path) -> dict[str, tuple[int, int]]:
     """(mtime, ctime) in nanoseconds of `root` and every name under it but FIFOs:
     data through a FIFO never reaches a FUSE daemon, and the kernel does not
@@ -167,6 +186,7 @@ class NamespaceFuzz:
         self.held: list[tuple[int, ...]] = []  # descriptors held open, one per root
         self.counts: collections.Counter[str] = collections.Counter()
         self.outcomes: collections.Counter[str] = collections.Counter()  # "rename: ok", "rename: ENOTEMPTY", ...
+        self._clock_step: float | None = None  # of the reference's time stamps, in seconds
 
     # -- drawing ---------------------------------------------------------------
 
@@ -257,10 +277,13 @@ class NamespaceFuzz:
     def compare_times(self, name: str, operation: collections.abc.Callable[[], None]) -> None:
         """Run `operation`; the names whose mtime or ctime it changed must be the reference's.
 
-        ext4 stamps times from a clock that ticks every few milliseconds: the
-        pause before the operation makes any update it does a visible change.
+        Before kernel 6.13 ext4 stamps times from a clock that ticks every few
+        milliseconds (`clock_step`): the pause before the operation makes any
+        update it does a visible change.
         """
-        time.sleep(0.006)
+        if self._clock_step is None:
+            self._clock_step = clock_step(self.roots[0])
+        time.sleep(self._clock_step * 1.5)
         before = [stamps(root) for root in self.roots]
         operation()
         after = [stamps(root) for root in self.roots]
