@@ -1,12 +1,12 @@
 """An fsx for envfs: random operations on one file, each checked against a model.
 
-Writes and reads (cached and O_DIRECT), truncates, every fallocate mode, copy_file_range within the file,
-writes and reads through mmap, fsync, dropping the file's clean pages so that
-reads reach the daemon, and reopening, at offsets and lengths drawn around
-block boundaries; the model is the bytes the file must hold. A read that
-differs from the model, or an unexpected error, raises `Mismatch` with the
-seed, the operation and the operations before it, so that a failure can be
-replayed: `python tests/fsx.py FILE --seed N --ops N`.
+Writes and reads (cached and O_DIRECT), truncates, every fallocate mode,
+copy_file_range within the file, writes and reads through mmap, fsync,
+dropping the file's clean pages so that reads reach the daemon, and reopening,
+at offsets and lengths drawn around block boundaries; the model is the bytes
+the file must hold. A read that differs from the model, or an unexpected
+error, raises `Mismatch` with the seed, the operation and the operations
+before it, and the command that replays them.
 
 `Exerciser.snapshots` keeps the model as of every operation since the last
 fsync, for checking what a file may hold after its daemon was killed.
@@ -53,6 +53,7 @@ class Exerciser:
         daemon dies faults with SIGBUS, which ends the whole process."""
         self.path = path
         self.seed = seed
+        self.mapped = mapped
         self.rng = random.Random(seed)
         self.max_size = max_size
         self.model = bytearray()
@@ -108,7 +109,8 @@ class Exerciser:
         history = "\n  ".join(self.recent)
         raise Mismatch(
             f"fsx seed {self.seed}, operation {self.done}: {message}\n"
-            f"replay: python tests/fsx.py FILE --seed {self.seed} --ops {self.done}\nbefore it:\n  {history}"
+            f"replay: python tests/fsx.py FILE --seed {self.seed} --ops {self.done} --max-size {self.max_size}"
+            f"{'' if self.mapped else ' --no-mmap'}\nbefore it:\n  {history}"
         )
 
     def close(self) -> None:
@@ -351,8 +353,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--ops", type=int, default=10_000)
     parser.add_argument("--max-size", type=int, default=1 << 20)
+    parser.add_argument("--no-mmap", action="store_true", help="no operation through mmap")
     args = parser.parse_args()
-    exerciser = Exerciser(args.file, args.seed, args.max_size)
+    exerciser = Exerciser(args.file, args.seed, args.max_size, mapped=not args.no_mmap)
     try:
         exerciser.run(args.ops)
         exerciser.check_all()

@@ -1,13 +1,17 @@
-"""Random namespace operations run side by side in two directories, answers compared.
+"""Random namespace operations run side by side in directories, answers compared.
 
-Makes, removes, renames (with RENAME_NOREPLACE and RENAME_EXCHANGE), links and
-symlinks names in a small tree of three names three levels deep, so that
-operations collide: over files, over directories, into their own children,
-on names open in held descriptors. Each operation runs in both directories and
-must give the same answer (a value, or the same errno); every so often, and at
-the end, the two trees must be the same: names, types, permissions, link counts,
-sizes, contents, symlink targets, user xattrs, and which names are hard links
-of one another. For test_against_ext4.py, with ext4 as the reference.
+Makes, removes, renames (with RENAME_NOREPLACE and RENAME_EXCHANGE), links,
+symlinks, chmods, chowns, truncates and sets xattrs of names in a small tree of
+three names three levels deep, so that operations collide: over files, over
+directories, into their own children, on names open in held descriptors, which
+are used after their names moved or went. Each operation runs in every
+directory and must give the answer it gives in the first, the reference (a
+value, or the same errno); every 40 operations, and at the end, the trees must
+be the same: names, types, permissions, owners, link counts, sizes, contents,
+symlink targets, user xattrs, and which names are hard links of one another.
+With `users`, each operation runs as root or as one of two users; with
+`times`, each must change the modification and change times of the same names.
+For test_against_ext4.py, with ext4 as the reference.
 
 With one directory, the same operations are a stress: run from several threads
 at once, no answer may be EIO or ENOTCONN (a daemon that failed or died).
