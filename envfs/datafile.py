@@ -291,8 +291,10 @@ class DataFile:
         Where the write replaces stored bytes, it gets its backing space first:
         a disk that fills up then fails the write before any byte of a block
         that was there is overwritten (a block half old, half new would fail
-        authentication for good). A write past the end may stop short
-        harmlessly: the size on record does not reach what it wrote.
+        authentication for good). What a write past the end wrote before it
+        failed is cut off again: no size on record covers it, but a later
+        growth of the file (a truncate, a write further on) would read it as
+        data where there must be holes.
         """
         if start < self.length:
             _fallocate(self.fd, FALLOC_FL_KEEP_SIZE, start, len(slots))  # where unsupported, no better way
@@ -300,9 +302,11 @@ class DataFile:
         try:
             while written < len(slots):
                 written += os.pwrite(self.fd, slots[written:], start + written) or _no_space()
-        finally:
-            if written:
-                self.length = max(self.length, start + written)
+        except BaseException:
+            if start + written > self.length:
+                self._set_length(self.length)
+            raise
+        self.length = max(self.length, start + written)
 
     def reserve(self, offset: int, end: int) -> None:
         """Give the slots of plaintext [offset, end) backing space, past the end

@@ -1392,14 +1392,20 @@ class Operations(pyfuse3.Operations):
         self._check_file_size(end)
         if mode & FALLOC_FL_PUNCH_HOLE and offset >= inode.size:
             return  # nothing to punch: ext4 changes nothing either
+        if not mode & FALLOC_FL_PUNCH_HOLE:
+            # The room first: a refusal for lack of it leaves the file as it was.
+            self._claim_room((-(-end // BLOCK_SIZE) - offset // BLOCK_SIZE) * SLOT_SIZE)
+            open_file.data.reserve(offset, end)
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) and offset < inode.size:
             # A zeroed block in part is re-encrypted: at most the first and the last.
             self._ensure_nonce_budget(inode, 2)
             inode.block_writes += open_file.data.zero_range(offset, end, inode.size)
-        if not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) and end > inode.size:
+        grows = not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) and end > inode.size
+        if grows:
             self._truncate(inode, end, _now())
-        if not mode & FALLOC_FL_PUNCH_HOLE:
-            self._claim_room((-(-end // BLOCK_SIZE) - offset // BLOCK_SIZE) * SLOT_SIZE)
+        if grows or mode & FALLOC_FL_ZERO_RANGE:
+            # Again: for the blocks zeroing gave back, and those that growing the
+            # data file added where the backing filesystem reserves only inside it.
             open_file.data.reserve(offset, end)
         inode.mode = _mode_after_data_change(inode.mode, handle.uid, handle.gid, handle.pid, inode.gid)
         inode.mtime_ns = inode.ctime_ns = _now()

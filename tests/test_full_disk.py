@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import signal
 import subprocess
 import time
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fsx import Exerciser
 from helpers import Envfs, process_gone
 
 
@@ -254,3 +256,32 @@ def test_backing_filesystem_out_of_inodes(envfs: Envfs) -> None:
         envfs.unmount()
         result = envfs.run("fsck", str(envfs.store), check=False)
         assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", [1, 4, 5])
+def test_random_operations_on_a_filling_disk_fail_whole(small_store: Envfs, seed: int) -> None:
+    """fsx (without mmap) while a filler file leaves 0 to 8 MiB free: an operation
+    refused with ENOSPC leaves the file as it was (a write may stop short), and
+    the file matches its model through a remount; fsck finds nothing wrong."""
+    mnt = small_store.mnt
+    rng = random.Random(seed)
+    exerciser = Exerciser(mnt / "f", seed, max_size=4 << 20, mapped=False)
+    exerciser.full_disk = True
+    filler = mnt / "filler"
+    for _ in range(8):
+        filler.unlink(missing_ok=True)
+        free = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
+        with contextlib.suppress(OSError), open(filler, "wb") as f:
+            f.write(b"\1" * max(0, free - rng.choice([0, 256 << 10, 1 << 20, 3 << 20, 8 << 20])))
+        exerciser.run(300)
+    filler.unlink()
+    exerciser.check_all()
+    exerciser.close()
+    assert exerciser.counts["refused"] >= 20, exerciser.counts  # the disk did fill
+    small_store.remount()
+    exerciser.reopen_after_remount()
+    exerciser.close()
+    small_store.unmount()
+    result = small_store.run("fsck", str(small_store.store), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
