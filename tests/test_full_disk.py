@@ -285,3 +285,27 @@ def test_random_operations_on_a_filling_disk_fail_whole(small_store: Envfs, seed
     small_store.unmount()
     result = small_store.run("fsck", str(small_store.store), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_reads_work_on_a_disk_filled_to_the_last_byte_from_outside(small_store: Envfs) -> None:
+    """Another program takes every byte, the space reserve included once envfs gave it
+    up: a read whose atime is due still returns its data (the atime is let go, as no
+    commit can be written), and nothing else is lost."""
+    mnt = small_store.mnt
+    data = os.urandom(50_000)
+    (mnt / "f").write_bytes(data)
+    filler = small_store.store.parent / "filler"
+    _fill_outside(filler)
+    try:
+        with contextlib.suppress(OSError):
+            (mnt / "d").mkdir()  # a commit on the nearly full disk gives up the reserve
+        _fill_outside(small_store.store.parent / "filler2")
+        for _ in range(3):
+            os.utime(mnt / "f", ns=(1_000_000_000, 2_000_000_000))  # relatime: the read moves atime
+            subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
+            assert (mnt / "f").read_bytes() == data
+    finally:
+        filler.unlink()
+        (small_store.store.parent / "filler2").unlink(missing_ok=True)
+    small_store.remount()
+    assert (mnt / "f").read_bytes() == data
