@@ -8,7 +8,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -175,3 +177,22 @@ class Envfs:
         if str(self.mnt) in envfs_mounts():
             subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True)
         shutil.rmtree(self.root / "scratch", ignore_errors=True)
+
+
+def run_threads(jobs: list[Callable[[], None]]) -> None:
+    """Run `jobs` in threads of their own, all at once; raise the first failure here."""
+    failures: list[BaseException] = []
+
+    def run(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as e:  # raised again in the caller's thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]

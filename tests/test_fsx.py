@@ -8,13 +8,13 @@ state since its last fsync held, block by block; fsck finds nothing wrong).
 
 from __future__ import annotations
 
+import functools
 import os
 import random
-import threading
 
 import pytest
 from fsx import Exerciser, possible_after_crash
-from helpers import Envfs
+from helpers import Envfs, run_threads
 
 
 @pytest.mark.timeout(300)
@@ -51,22 +51,12 @@ def test_random_operations_while_files_are_rekeyed(store: Envfs) -> None:
 def test_random_operations_on_four_files_at_once(store: Envfs) -> None:
     store.mount()
     exercisers = [Exerciser(store.mnt / f"f{seed}", seed, max_size=512 * 1024) for seed in range(10, 14)]
-    failures: list[BaseException] = []
 
     def run(exerciser: Exerciser) -> None:
-        try:
-            exerciser.run(2500)
-            exerciser.check_all()
-        except BaseException as e:  # reported by the test's thread
-            failures.append(e)
+        exerciser.run(2500)
+        exerciser.check_all()
 
-    threads = [threading.Thread(target=run, args=(e,)) for e in exercisers]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise failures[0]
+    run_threads([functools.partial(run, e) for e in exercisers])
     for exerciser in exercisers:
         exerciser.close()
     store.remount()

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import random
 import stat
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fsx import Exerciser, Mismatch
-from helpers import Envfs
+from helpers import Envfs, run_threads
 from namespace_fuzz import Divergence, NamespaceFuzz, tree
 
 
@@ -44,24 +44,6 @@ def link_count_errors(root: Path) -> list[str]:
         if os.lstat(directory).st_nlink != 2 + count:
             errors.append(f"{directory}: nlink {os.lstat(directory).st_nlink}, {count} subdirectories")
     return errors
-
-
-def run_threads(jobs: list[Callable[[], None]]) -> None:
-    failures: list[BaseException] = []
-
-    def run(job: Callable[[], None]) -> None:
-        try:
-            job()
-        except BaseException as e:  # raised again in the test's thread
-            failures.append(e)
-
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        raise failures[0]
 
 
 @pytest.mark.timeout(400)
@@ -87,10 +69,7 @@ def stress(store: Envfs, seed: int, operations: int) -> None:
         exerciser.run(operations)
         exerciser.check_all()
 
-    run_threads(
-        [lambda f=f: fuzz(f) for f in fuzzers]  # type: ignore[misc]
-        + [lambda e=e: exercise(e) for e in exercisers]  # type: ignore[misc]
-    )
+    run_threads([functools.partial(fuzz, f) for f in fuzzers] + [functools.partial(exercise, e) for e in exercisers])
     for exerciser in exercisers:
         exerciser.close()
     assert sum(f.outcomes["rename: ok"] for f in fuzzers) >= operations // 20
@@ -120,18 +99,11 @@ def test_a_killed_daemon_in_the_middle_of_namespace_threads(store: Envfs, seed: 
     stopped = threading.Event()
     ended: list[tuple[float, BaseException]] = []  # when and how threads ended before they were stopped
 
-    def fuzz(fuzzer: NamespaceFuzz) -> None:
+    def until_stopped(worker: NamespaceFuzz | Exerciser) -> None:
         try:
             while not stopped.is_set():
-                fuzzer.run(10)
-        except Divergence as e:
-            ended.append((time.monotonic(), e))
-
-    def exercise(exerciser: Exerciser) -> None:
-        try:
-            while not stopped.is_set():
-                exerciser.run(10)
-        except Mismatch as e:
+                worker.run(10)
+        except (Divergence, Mismatch) as e:
             ended.append((time.monotonic(), e))
 
     for round_ in range(3):
@@ -139,8 +111,7 @@ def test_a_killed_daemon_in_the_middle_of_namespace_threads(store: Envfs, seed: 
         ended.clear()
         fuzzers = [NamespaceFuzz((shared,), seed * 10 + round_ * 4 + i) for i in range(4)]
         exerciser = Exerciser(store.mnt / f"data{round_}", seed + round_, max_size=256 * 1024, mapped=False)
-        threads = [threading.Thread(target=fuzz, args=(f,)) for f in fuzzers]
-        threads.append(threading.Thread(target=exercise, args=(exerciser,)))
+        threads = [threading.Thread(target=until_stopped, args=(w,)) for w in [*fuzzers, exerciser]]
         for thread in threads:
             thread.start()
         time.sleep(rng.uniform(0.5, 2.0))
