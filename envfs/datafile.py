@@ -17,7 +17,6 @@ buffers they pass in.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from .blocks import (
     min_data_length,
 )
 from .errors import IntegrityError
+from .fallocate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from .secret import zero_buffer
 
 
@@ -59,24 +59,6 @@ _slots = _SlotBuffer()
 # Blocks re-encrypted per read and write by `copy_to` (1 MiB of plaintext).
 _COPY_BLOCKS = 256
 
-# fallocate(2) mode bits (linux/falloc.h).
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-# Python's os module has posix_fallocate but not fallocate(2), which punches holes.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-
-
-def _fallocate(fd: int, mode: int, start: int, length: int) -> bool:
-    """fallocate(2); False where the filesystem does not support `mode`."""
-    if _libc.fallocate(fd, mode, start, length) == 0:
-        return True
-    error = ctypes.get_errno()
-    if error in (errno.EOPNOTSUPP, errno.ENOSYS):
-        return False
-    raise OSError(error, os.strerror(error))
-
 
 def _no_space() -> int:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -85,7 +67,7 @@ def _no_space() -> int:
 def _zero_bytes_of(fd: int, start: int, length: int) -> None:
     """Zero a byte range of a file, giving its space back where the filesystem
     can punch holes, writing zeros where it cannot."""
-    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, length):
+    if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start, length):
         return
     zeros = bytes(min(length, 1 << 20))
     while length:
@@ -297,7 +279,7 @@ class DataFile:
         data where there must be holes.
         """
         if start < self.length:
-            _fallocate(self.fd, FALLOC_FL_KEEP_SIZE, start, len(slots))  # where unsupported, no better way
+            fallocate(self.fd, FALLOC_FL_KEEP_SIZE, start, len(slots))  # where unsupported, no better way
         written = 0
         try:
             while written < len(slots):
@@ -316,7 +298,7 @@ class DataFile:
         inside the data file get space."""
         start = offset // BLOCK_SIZE * SLOT_SIZE
         stop = -(-end // BLOCK_SIZE) * SLOT_SIZE
-        if stop <= start or _fallocate(self.fd, FALLOC_FL_KEEP_SIZE, start, stop - start):
+        if stop <= start or fallocate(self.fd, FALLOC_FL_KEEP_SIZE, start, stop - start):
             return
         stop = min(stop, self.length)
         if stop > start:

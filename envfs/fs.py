@@ -28,8 +28,9 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE
-from .datafile import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DataFile, open_data_file
+from .datafile import DataFile, open_data_file
 from .errors import CorruptStore, EnvfsError, IntegrityError
+from .fallocate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .keys import PREFETCH_DEPTH, KeyRing
 from .metadata import ROOT_INODE, Dentry, Inode, Metadata, NextFile, WalkPosition, inode_values, restore_inode
 from .names import NAME_MAX, NameCipher
@@ -75,17 +76,25 @@ READ_BUFFER_SIZE = 1 << 20
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-def handler(method: F | None = None, *, frees_space: bool = False) -> Any:
+def handler(method: F | None = None, *, frees_space: bool = False, reads: bool = False) -> Any:
     """Map every exception of a request handler to an errno reply.
 
     A request that ran out of space while deleted files' data files wait for
     the group commit is retried once after that commit. With `frees_space`, a
     request that ran out of space (SQLite needs room even to delete a row) is
     retried once after the store's space reserve is given up: a full disk must
-    not stop the user from freeing space.
+    not stop the user from freeing space. A handler therefore leaves its
+    arguments as it found them (`write` wipes its buffer around the retries,
+    not inside them). With `reads`, the request changes
+    nothing but access times, which are let go where they cannot be written:
+    a commit that fails after it (a disk full to its last byte, where SQLite
+    finds no room for its log) is logged, with the changes it loses, and is
+    not the request's error.
     """
 
     def decorate(method: F) -> F:
+        request = method.__name__.lstrip("_")  # `_write` serves `write`
+
         @functools.wraps(method)
         async def wrapper(self: Operations, *args: Any) -> Any:
             committed = released = False  # each remedy for a lack of space is tried once
@@ -94,12 +103,15 @@ def handler(method: F | None = None, *, frees_space: bool = False) -> Any:
                     result = await method(self, *args)
                     self._defer_saves()
                     if self._low_space or self.md.commit_due():
-                        self.commit()
+                        if reads:
+                            self.commit_if_due(now=True)
+                        else:
+                            self.commit()
                     return result
                 except FUSEError:
                     raise
                 except Exception as e:
-                    code = self.failed(method.__name__, e)
+                    code = self.failed(request, e)
                     if code == errno.ENOSPC and not committed and self.md.actions_waiting():
                         # The data files of deleted inodes go at the next commit:
                         # they may be the room this request needs.
@@ -108,7 +120,7 @@ def handler(method: F | None = None, *, frees_space: bool = False) -> Any:
                         continue
                     if code == errno.ENOSPC and frees_space and not released and self.store.release_reserve():
                         released = True
-                        log.warning("%s: out of space; released the store's reserve and retrying", method.__name__)
+                        log.warning("%s: out of space; released the store's reserve and retrying", request)
                         continue
                     if code in (errno.ENOSPC, errno.EDQUOT):
                         # What earlier requests were told is done must not wait for a
@@ -743,7 +755,7 @@ class Operations(pyfuse3.Operations):
 
     # -- lookups ---------------------------------------------------------------
 
-    @handler
+    @handler(reads=True)
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
         if name == b".":
@@ -771,7 +783,7 @@ class Operations(pyfuse3.Operations):
             # must be free before the next request, not at the next timer commit.
             self.commit_if_due(now=True)
 
-    @handler
+    @handler(reads=True)
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self._inode(inode))
 
@@ -921,7 +933,7 @@ class Operations(pyfuse3.Operations):
             self.md.set_symlink(inode.id, self.names.encrypt_target(inode.id, target))
         return self._lookup_ref(inode)
 
-    @handler
+    @handler(reads=True)
     async def readlink(self, inode_id: int, ctx: pyfuse3.RequestContext) -> bytes:
         inode = self._inode(inode_id)
         if not stat.S_ISLNK(inode.mode):
@@ -1205,7 +1217,7 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EBADF)
         return handle, self._inode(handle.inode), self._open[handle.inode]
 
-    @handler
+    @handler(reads=True)
     async def read(self, fh: int, off: int, size: int) -> memoryview:
         _, inode, open_file = self._handle(fh)
         if self._replied_buffers:
@@ -1249,30 +1261,35 @@ class Operations(pyfuse3.Operations):
             inode.atime_ns = _now()
             self._unsaved_atimes.add(inode.id)
 
-    @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        """`_write`, then wipe `buf`, pyfuse3's copy of the caller's plaintext: only after
+        the last attempt, as a write that ran out of space may be retried (`handler`)."""
         try:
-            # `off` is where the kernel places the write, O_APPEND included: it
-            # knows the size, and whether O_APPEND still holds (fcntl F_SETFL
-            # changes it; a shared mapping writes its pages back at their place).
-            handle, inode, open_file = self._handle(fh)
-            self._check_file_size(off + len(buf))
-            # A write touches at most len/4096 + 2 blocks, plus the old last block it
-            # pads: as many encryptions, and as many slots of space (as if none were
-            # there yet: a block it only changes may sit in a hole).
-            blocks = len(buf) // BLOCK_SIZE + 3
-            self._claim_room(blocks * SLOT_SIZE)
-            self._ensure_nonce_budget(inode, blocks)
-            new_size, writes = open_file.data.write(off, memoryview(buf), inode.size)
-            inode.size = new_size
-            inode.block_writes += writes
-            # The kernel's setattr before a write clears some of these bits, not all.
-            inode.mode = _mode_after_data_change(inode.mode, handle.uid, handle.gid, handle.pid, inode.gid)
-            inode.mtime_ns = inode.ctime_ns = _now()
-            self._save(inode)
-            return len(buf)
+            return await self._write(fh, off, buf)
         finally:
             zero_bytes(buf)
+
+    @handler
+    async def _write(self, fh: int, off: int, buf: bytes) -> int:
+        # `off` is where the kernel places the write, O_APPEND included: it
+        # knows the size, and whether O_APPEND still holds (fcntl F_SETFL
+        # changes it; a shared mapping writes its pages back at their place).
+        handle, inode, open_file = self._handle(fh)
+        self._check_file_size(off + len(buf))
+        # A write touches at most len/4096 + 2 blocks, plus the old last block it
+        # pads: as many encryptions, and as many slots of space (as if none were
+        # there yet: a block it only changes may sit in a hole).
+        blocks = len(buf) // BLOCK_SIZE + 3
+        self._claim_room(blocks * SLOT_SIZE)
+        self._ensure_nonce_budget(inode, blocks)
+        new_size, writes = open_file.data.write(off, memoryview(buf), inode.size)
+        inode.size = new_size
+        inode.block_writes += writes
+        # The kernel's setattr before a write clears some of these bits, not all.
+        inode.mode = _mode_after_data_change(inode.mode, handle.uid, handle.gid, handle.pid, inode.gid)
+        inode.mtime_ns = inode.ctime_ns = _now()
+        self._save(inode)
+        return len(buf)
 
     def _check_file_size(self, size: int) -> None:
         """EFBIG for a file size beyond `max_file_size`, as ext4 answers beyond its own limit."""
@@ -1411,7 +1428,7 @@ class Operations(pyfuse3.Operations):
         inode.mtime_ns = inode.ctime_ns = _now()
         self._save(inode)
 
-    @handler
+    @handler(reads=True)
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         """SEEK_DATA and SEEK_HOLE (the kernel answers the rest), at block granularity."""
         _, inode, open_file = self._handle(fh)
@@ -1436,12 +1453,12 @@ class Operations(pyfuse3.Operations):
 
     # -- directories -----------------------------------------------------------
 
-    @handler
+    @handler(reads=True)
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self._dir(inode)
         return inode
 
-    @handler
+    @handler(reads=True)
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         directory = self._dir(fh)
         self._relatime(directory)
@@ -1479,7 +1496,7 @@ class Operations(pyfuse3.Operations):
                     self.md.check_entries(directory, digest)
                 return
 
-    @handler
+    @handler(reads=True)
     async def releasedir(self, fh: int) -> None:
         return None
 
@@ -1488,7 +1505,7 @@ class Operations(pyfuse3.Operations):
         self.commit()
         self.md.sync()
 
-    @handler
+    @handler(reads=True)
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         backing = os.statvfs(self.store.path)
         data = pyfuse3.StatvfsData()
@@ -1506,7 +1523,7 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = NAME_MAX
         return data
 
-    @handler
+    @handler(reads=True)
     async def access(self, inode_id: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         inode = self._inode(inode_id)
         if ctx.uid == 0:
@@ -1540,7 +1557,7 @@ class Operations(pyfuse3.Operations):
             inode.ctime_ns = _now()
             self._save(inode)
 
-    @handler
+    @handler(reads=True)
     async def getxattr(self, inode_id: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         inode = self._inode(inode_id)
         _check_xattr_namespace(name)
@@ -1561,7 +1578,7 @@ class Operations(pyfuse3.Operations):
             return True
         return self._xattr_inodes is not None and inode_id not in self._xattr_inodes
 
-    @handler
+    @handler(reads=True)
     async def listxattr(self, inode_id: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         inode = self._inode(inode_id)
         names = [self.names.decrypt_xattr_name(inode.id, n) for n in self.md.xattrs_of(inode)]

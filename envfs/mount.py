@@ -387,8 +387,8 @@ def _settle_anchor(operations: Operations, metadata: Metadata, anchor: Anchor, i
 
 
 def _housekeeping(store: Store, lock: StoreLock, operations: Operations, settle: Callable[[], None]) -> None:
-    """Publish the counters in the lock record; wipe an unused prefetched key; top up the space reserve;
-    settle the anchor of a quiet mount.
+    """Publish the counters in the lock record; wipe an unused prefetched key; settle the anchor
+    of a quiet mount; top up the space reserve and SQLite's commit room (which settling empties).
 
     A backing filesystem that turned read-only or full fails the writes here:
     the daemon goes on serving what it can (an exception here would end the
@@ -399,11 +399,12 @@ def _housekeeping(store: Store, lock: StoreLock, operations: Operations, settle:
         lock.update(operations.counters())
     except OSError as e:
         _housekeeping_warnings.warn("lock record not updated: %s", e)
+    settle()
     try:
+        store.keep_commit_room()
         store.keep_reserve()
     except OSError as e:
         log.debug("space reserve: %s", e)
-    settle()
 
 
 _housekeeping_warnings = ThrottledWarning(USAGE_WARNING_SECONDS, log)

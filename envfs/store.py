@@ -31,6 +31,7 @@ from .errors import (
     StoreReadOnly,
     UnsupportedFormat,
 )
+from .fallocate import FALLOC_FL_KEEP_SIZE, fallocate
 
 FORMAT_NAME = "envfs"
 FORMAT_VERSION = 1
@@ -40,6 +41,15 @@ DATA = "data"
 LOCK = "lock"
 RESERVE = "reserve"
 RESERVE_BYTES = 4 << 20
+# Space kept allocated in SQLite's log (meta.db-wal) beyond what it holds. The log
+# starts again from its beginning after each checkpoint, which SQLite runs once it
+# holds 1,000 pages (its wal_autocheckpoint default), so this is a checkpoint's worth
+# of frames (a 24-byte header and a 4 KiB page each) and a quarter more for the last
+# group before it.
+COMMIT_ROOM_BYTES = 1250 * (24 + 4096)
+# Space kept allocated past the end of meta.db, for the pages a checkpoint adds (new
+# rows): a checkpoint that completes lets the log start again.
+CHECKPOINT_ROOM_BYTES = 1 << 20
 
 # Random 96-bit nonces: after 2^31 block encryptions under one key, a
 # nonce collision has probability below 2^-35 (docs/FORMAT.md).
@@ -308,6 +318,28 @@ class Store:
             os.unlink(self.reserve_path)
         finally:
             os.close(fd)
+
+    def keep_commit_room(self) -> None:
+        """Keep space allocated for SQLite where only SQLite can use it: COMMIT_ROOM_BYTES
+        of meta.db-wal, beyond its end where it holds less, and CHECKPOINT_ROOM_BYTES past
+        the end of meta.db (FALLOC_FL_KEEP_SIZE: the sizes, and so what SQLite reads, stay).
+        Commits and checkpoints then find room even after another program took every free
+        byte of the disk, when the reserve, once given up, may have gone to that program.
+        (A checkpoint cuts meta.db to its size, which on ext4 frees what lies past its end:
+        the daemon calls this every second.) Files that do not exist yet are left to SQLite
+        to make."""
+        if self.read_only:
+            return
+        for path, room in ((self.metadata_wal_path, COMMIT_ROOM_BYTES), (self.metadata_path, CHECKPOINT_ROOM_BYTES)):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                start = 0 if path == self.metadata_wal_path else os.fstat(fd).st_size
+                fallocate(fd, FALLOC_FL_KEEP_SIZE, start, room)
+            finally:
+                os.close(fd)
 
     def free_bytes(self) -> int:
         """Space the backing filesystem has left for us."""

@@ -1,7 +1,9 @@
-"""Test helpers: run the real `envfs` command against a private token."""
+"""Test helpers: run the real `envfs` command against a private token; drive
+`Operations` in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,11 +12,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
+import pytest
+
 from envfs import embedded
+from envfs.fs import Operations
+from envfs.offline import OfflineStore
 
 ENVFS = [sys.executable, "-m", "envfs"]
 PIN = "test-pin-1234"
@@ -196,3 +202,19 @@ def run_threads(jobs: list[Callable[[], None]]) -> None:
         thread.join()
     if failures:
         raise failures[0]
+
+
+@contextlib.contextmanager
+def operations_in_process(env: Envfs, monkeypatch: pytest.MonkeyPatch) -> Iterator[Operations]:
+    """`Operations` on `env`'s store in this process, as a mount has them (group commits,
+    prefetched keys), without FUSE and without the mount's housekeeping."""
+    for name, value in env.env.items():
+        monkeypatch.setenv(name, value)
+    with OfflineStore(str(env.store), PIN, "mount") as offline:
+        keys, metadata = offline.keys(), offline.metadata()
+        metadata.group_commits()
+        operations = Operations(offline.store, metadata, keys, keys.name_cipher(), rekey_after=1 << 20)
+        try:
+            yield operations
+        finally:
+            operations.destroy()

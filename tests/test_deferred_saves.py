@@ -19,11 +19,10 @@ from typing import Any
 
 import pytest
 import trio
-from helpers import PIN, Envfs
+from helpers import Envfs, operations_in_process
 
 from envfs.fs import Operations
 from envfs.metadata import ROOT_INODE
-from envfs.offline import OfflineStore
 
 CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 
@@ -40,16 +39,8 @@ def attrs(**values: int) -> Any:
 @pytest.fixture
 def ops(store: Envfs, monkeypatch: pytest.MonkeyPatch) -> Iterator[Operations]:
     """Operations on the store, as a mount has them (group commits, prefetched keys)."""
-    for name, value in store.env.items():
-        monkeypatch.setenv(name, value)
-    with OfflineStore(str(store.store), PIN, "mount") as offline:
-        keys, metadata = offline.keys(), offline.metadata()
-        metadata.group_commits()
-        operations = Operations(offline.store, metadata, keys, keys.name_cipher(), rekey_after=1 << 20)
-        try:
-            yield operations
-        finally:
-            operations.destroy()
+    with operations_in_process(store, monkeypatch) as operations:
+        yield operations
 
 
 def call(method: Any, *args: Any) -> Any:

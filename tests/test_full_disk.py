@@ -7,26 +7,36 @@ import errno
 import os
 import random
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import trio
 from fsx import Exerciser
-from helpers import Envfs, process_gone
+from helpers import Envfs, operations_in_process, process_gone
+
+from envfs.fs import Operations
+from envfs.metadata import ROOT_INODE
+from envfs.store import RESERVE
+
+CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 
 
 @contextlib.contextmanager
-def store_on_tmpfs(envfs: Envfs, options: str) -> Iterator[Envfs]:
-    """`envfs` with its store on a tmpfs of its own (mount `options`), mounted."""
+def store_on_tmpfs(envfs: Envfs, options: str, mounted: bool = True) -> Iterator[Envfs]:
+    """`envfs` with its store on a tmpfs of its own (mount `options`), mounted unless not `mounted`."""
     backing = envfs.root / "backing"
     backing.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", options, "envfs-test", str(backing)], check=True)
     try:
         envfs.store = backing / "store"
         envfs.init()
-        envfs.mount()
+        if mounted:
+            envfs.mount()
         yield envfs
     finally:
         envfs.cleanup()
@@ -146,7 +156,7 @@ def test_disk_filled_from_outside_spares_stored_blocks(small_store: Envfs) -> No
         fd = os.open(mnt / "keep", os.O_WRONLY | os.O_APPEND)
         try:
             with pytest.raises(OSError) as e:
-                for _ in range(10):
+                for _ in range(30):  # more than the space reserve, which envfs gives up on the full disk
                     os.write(fd, os.urandom(300_000))
                     os.fsync(fd)
             assert e.value.errno == errno.ENOSPC
@@ -278,13 +288,124 @@ def test_random_operations_on_a_filling_disk_fail_whole(small_store: Envfs, seed
     filler.unlink()
     exerciser.check_all()
     exerciser.close()
-    assert exerciser.counts["refused"] >= 20, exerciser.counts  # the disk did fill
+    assert exerciser.counts["refused"] >= 5, exerciser.counts  # the disk did fill
     small_store.remount()
     exerciser.reopen_after_remount()
     exerciser.close()
     small_store.unmount()
     result = small_store.run("fsck", str(small_store.store), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _take_every_byte(env: Envfs) -> list[Path]:
+    """Fill the backing disk from outside; once envfs has given up its space reserve (at the
+    commit a change of metadata brings, within a second), fill it again: every byte is taken.
+    Returns the filler files."""
+    fillers = [env.store.parent / "filler", env.store.parent / "filler2"]
+    _fill_outside(fillers[0])
+    with contextlib.suppress(OSError):
+        (env.mnt / "made-on-a-full-disk").mkdir()
+    deadline = time.monotonic() + 10
+    while (env.store / RESERVE).exists():
+        assert time.monotonic() < deadline, "envfs kept its space reserve"
+        time.sleep(0.05)
+    _fill_outside(fillers[1])
+    assert os.statvfs(env.store).f_bavail == 0
+    return fillers
+
+
+def test_metadata_commits_on_a_disk_filled_to_the_last_byte_from_outside(small_store: Envfs) -> None:
+    """Another program takes every free byte, the space reserve included once envfs gave it
+    up: files closed before stay, and changes of metadata still commit (into the room kept
+    in SQLite's log, `Store.keep_commit_room`), then stay after a remount."""
+    mnt = small_store.mnt
+    contents = {f"before-{i}": os.urandom(3000) for i in range(20)}
+    for name, data in contents.items():
+        (mnt / name).write_bytes(data)
+    fillers = _take_every_byte(small_store)
+    try:
+        for i in range(100):  # more frames than the log held before the disk filled
+            os.chmod(mnt / "before-0", 0o600 + i % 8)
+            os.utime(mnt / "before-1", ns=(i, i))
+            os.setxattr(mnt / "before-2", "user.n", str(i).encode())
+            os.rename(*[mnt / "before-3", mnt / "renamed"][:: 1 if i % 2 == 0 else -1])
+            os.symlink("before-5", mnt / f"link-{i}")
+    finally:
+        for filler in fillers:
+            filler.unlink()
+    small_store.remount()
+    assert not (mnt / "renamed").exists()
+    for name, data in contents.items():
+        assert (mnt / name).read_bytes() == data, name
+    assert stat.S_IMODE(os.stat(mnt / "before-0").st_mode) == 0o600 + 99 % 8
+    assert os.stat(mnt / "before-1").st_mtime_ns == 99
+    assert os.getxattr(mnt / "before-2", "user.n") == b"99"
+    assert sorted(p.name for p in mnt.glob("link-*")) == sorted(f"link-{i}" for i in range(100))
+
+
+@contextlib.contextmanager
+def operations_on_tmpfs(envfs: Envfs, monkeypatch: pytest.MonkeyPatch) -> Iterator[Operations]:
+    """`Operations` in this process on a store on a 24 MiB tmpfs of its own, without a FUSE
+    mount and without the mount's housekeeping (which keeps room in SQLite's files)."""
+    with store_on_tmpfs(envfs, "size=24m", mounted=False), operations_in_process(envfs, monkeypatch) as ops:
+        yield ops
+
+
+def _new_file(ops: Operations, name: bytes, data: bytes) -> tuple[int, int]:
+    """Create and write a file through `ops`: (inode id, open handle)."""
+    info, entry = trio.run(ops.create, ROOT_INODE, name, stat.S_IFREG | 0o644, os.O_RDWR, CTX)
+    assert trio.run(ops.write, info.fh, 0, bytes(bytearray(data))) == len(data)  # a copy: writes wipe theirs
+    return entry.st_ino, info.fh
+
+
+def _read(ops: Operations, fh: int, size: int) -> bytes:
+    async def read() -> bytes:
+        return bytes(await ops.read(fh, 0, size))  # before its buffer is reused
+
+    return trio.run(read)
+
+
+def test_a_read_answers_when_no_commit_finds_room(envfs: Envfs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read whose atime is due, where the commit after it fails (a disk full to its last
+    byte and no room kept in SQLite's files), returns its data; the atime is let go."""
+    with operations_on_tmpfs(envfs, monkeypatch) as ops:
+        data = os.urandom(50_000)
+        inode_id, fh = _new_file(ops, b"f", data)
+        times = SimpleNamespace(st_atime_ns=1_000_000_000, st_mtime_ns=2_000_000_000)
+        changed = SimpleNamespace(update_atime=True, update_mtime=True, update_ctime=False, update_mode=False,
+                                  update_uid=False, update_gid=False, update_size=False)  # fmt: skip
+        trio.run(ops.setattr, inode_id, times, changed, None, CTX)  # the next read moves atime
+        ops.commit()
+        fillers = [envfs.store.parent / "filler", envfs.store.parent / "filler2"]
+        _fill_outside(fillers[0])
+        ops.store.release_reserve()
+        _fill_outside(fillers[1])
+        ops.commit()  # finds the disk full: every request commits from now on
+        assert _read(ops, fh, len(data)) == data
+        trio.run(ops.release, fh)
+        for filler in fillers:
+            filler.unlink()
+
+
+def test_a_write_retried_after_a_commit_writes_its_data(envfs: Envfs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that finds the disk full while a deleted file's data waits for the group
+    commit is retried after that commit, which frees the space: the retry writes the
+    caller's bytes (the first attempt must not have wiped them yet)."""
+    with operations_on_tmpfs(envfs, monkeypatch) as ops:
+        big, big_fh = _new_file(ops, b"big", os.urandom(6 << 20))
+        trio.run(ops.release, big_fh)
+        inode_id, fh = _new_file(ops, b"f", b"")
+        ops.commit()
+        ops.store.keep_commit_room()  # as the mount does: the commit before the retry needs it
+        filler = envfs.store.parent / "filler"
+        _fill_outside(filler)
+        trio.run(ops.unlink, ROOT_INODE, b"big", CTX)
+        trio.run(ops.forget, [(big, 1)])  # the kernel lets go: the data file goes at the next commit
+        data = os.urandom(100_000)
+        assert trio.run(ops.write, fh, 0, bytes(bytearray(data))) == len(data)
+        assert _read(ops, fh, len(data)) == data
+        trio.run(ops.release, fh)
+        filler.unlink()
 
 
 def test_reads_work_on_a_disk_filled_to_the_last_byte_from_outside(small_store: Envfs) -> None:
@@ -294,18 +415,15 @@ def test_reads_work_on_a_disk_filled_to_the_last_byte_from_outside(small_store: 
     mnt = small_store.mnt
     data = os.urandom(50_000)
     (mnt / "f").write_bytes(data)
-    filler = small_store.store.parent / "filler"
-    _fill_outside(filler)
+    os.utime(mnt / "f", ns=(1_000_000_000, 2_000_000_000))  # relatime: the next read moves atime
+    fillers = _take_every_byte(small_store)
     try:
-        with contextlib.suppress(OSError):
-            (mnt / "d").mkdir()  # a commit on the nearly full disk gives up the reserve
-        _fill_outside(small_store.store.parent / "filler2")
         for _ in range(3):
-            os.utime(mnt / "f", ns=(1_000_000_000, 2_000_000_000))  # relatime: the read moves atime
             subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
             assert (mnt / "f").read_bytes() == data
+            os.utime(mnt / "f", ns=(1_000_000_000, 2_000_000_000))  # commits into the room kept for it
     finally:
-        filler.unlink()
-        (small_store.store.parent / "filler2").unlink(missing_ok=True)
+        for filler in fillers:
+            filler.unlink()
     small_store.remount()
     assert (mnt / "f").read_bytes() == data
