@@ -171,7 +171,8 @@ def cmd_mount(args: argparse.Namespace) -> None:
     if args.spin is not None and not 0 <= args.spin <= MAX_SPIN_MICROSECONDS:
         raise UsageError(f"--spin must be a number of microseconds from 0 to {MAX_SPIN_MICROSECONDS}")
     options = MountOptions(
-        foreground=args.foreground, allow_other=args.allow_other, debug=args.debug, log_file=args.log,
+        foreground=args.foreground, allow_other=args.allow_other, default_permissions=args.default_permissions,
+        debug=args.debug, log_file=args.log,
         rekey_after=_rekey_override(), read_only=args.read_only, copy=args.copy, anchor_idle=_anchor_idle(),
         spin=args.spin,
     )  # fmt: skip
@@ -339,7 +340,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("mountpoint")
     p.add_argument("-f", "--foreground", action="store_true")
-    p.add_argument("--allow-other", action="store_true", help="let every user in (FUSE allow_other)")
+    p.add_argument(
+        "--allow-other", action="store_true",
+        help="let every user in (FUSE allow_other), with the kernel's permission checks",
+    )  # fmt: skip
+    p.add_argument(
+        "--default-permissions", action="store_true",
+        help="the kernel's permission checks also where only root can enter (without --allow-other): "
+        "they then hold back root processes that dropped their capabilities, at a request per create",
+    )  # fmt: skip
     p.add_argument(
         "-r", "--read-only", action="store_true",
         help="change nothing in the store (it may be on read-only media): no writes, no access times",

@@ -58,6 +58,7 @@ MAX_SPIN_MICROSECONDS = 1000
 class MountOptions:
     foreground: bool = False
     allow_other: bool = False
+    default_permissions: bool = False  # the kernel's permission checks even where only root can enter
     debug: bool = False
     log_file: str | None = None
     rekey_after: int | None = None  # overrides the superblock (tests)
@@ -201,6 +202,20 @@ def remove_stale_data_files(store: Store, metadata: Metadata) -> None:
 # -- the daemon --------------------------------------------------------------------
 
 
+def kernel_checks_permissions(options: MountOptions) -> bool:
+    """Whether the mount asks the kernel to check modes and owners (FUSE's `default_permissions`).
+
+    Without `allow_other` the kernel lets in only processes of the mounting user. When that user
+    is root, every check the kernel would make passes for them anyway (capabilities), save the
+    execute bit of a file, which the kernel checks without the option, and `access()`, which
+    reaches `Operations.access`. So a root-only mount goes without it, as gocryptfs does: with it,
+    every create makes the kernel fetch its directory's attributes again before the next path walk
+    through it (a GETATTR per file an untar writes). Root that dropped its capabilities is the one
+    caller the checks would still hold back; `default_permissions` keeps them for it.
+    """
+    return options.allow_other or options.default_permissions or os.geteuid() != 0
+
+
 def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, options: MountOptions,
           ready: Callable[[EnvfsError | None], None]) -> None:  # fmt: skip
     """Run the filesystem until it is unmounted. Calls `ready` once, before serving."""
@@ -229,8 +244,9 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
                                 superblock.rekey_after_block_writes),
                 wake_after_reply=functools.partial(_wake, after_reply_send),
             )  # fmt: skip
-            fuse_options = set(pyfuse3.default_options)
-            fuse_options |= {f"fsname=envfs:{_escape_option(str(store.path))}", "subtype=envfs"}
+            fuse_options = {f"fsname=envfs:{_escape_option(str(store.path))}", "subtype=envfs"}
+            if kernel_checks_permissions(options):
+                fuse_options.add("default_permissions")
             if options.read_only:
                 fuse_options.add("ro")
             if options.allow_other:

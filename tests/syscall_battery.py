@@ -1,9 +1,11 @@
 """A battery of system calls run in a directory, for test_against_ext4.py: names,
 links, renames, special files, attributes, xattrs, holes, fallocate modes, copies,
-locks, mmap, and what an unprivileged user may and may not do. Prints a JSON object:
-each call's name and its result (a value, or the errno's name).
+locks, mmap, what root may do where modes deny, and what an unprivileged user may and may
+not do. Prints a JSON object: each call's name and its result (a value, or the errno's name).
 
-    python tests/syscall_battery.py DIRECTORY     (as root; DIRECTORY empty)
+    python tests/syscall_battery.py DIRECTORY [--root-only]     (as root; DIRECTORY empty)
+
+--root-only leaves out the unprivileged user's calls (for a mount only root may enter).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import json
 import mmap
 import os
 import stat
+import subprocess
 import sys
 from collections.abc import Callable
 
 NOBODY = 65534
+ROOT_ONLY = "--root-only" in sys.argv[2:]
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE, _FALLOC_FL_COLLAPSE_RANGE = 0x01, 0x02, 0x08
 _FALLOC_FL_ZERO_RANGE, _FALLOC_FL_INSERT_RANGE = 0x10, 0x20
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
@@ -52,6 +56,8 @@ def call(name: str, fn: Callable[[], object]) -> None:
 
 def as_nobody(name: str, fn: Callable[[], object]) -> None:
     """`call` in a child process that runs as nobody:nogroup without supplementary groups."""
+    if ROOT_ONLY:
+        return
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -287,6 +293,37 @@ def data() -> None:
     os.close(sparse)
 
 
+def roots_permissions() -> None:
+    """What root may do where the modes say no: everything but executing a file without an
+    execute bit (a mount without the kernel's `default_permissions` must answer the same)."""
+    os.mkdir("locked")
+    os.close(os.open("locked/inner", os.O_CREAT | os.O_WRONLY, 0o644))
+    os.chmod("locked", 0o000)
+    os.close(os.open("blank", os.O_CREAT | os.O_WRONLY, 0o000))
+    for name, bits in (("script-0644", 0o644), ("script-0744", 0o744), ("script-0001", 0o001)):
+        with open(name, "w") as script:
+            script.write("#!/bin/sh\nexit 3\n")
+        os.chmod(name, bits)
+    os.chown("blank", NOBODY, NOBODY)
+    call("root opens a 0000 file of another user for writing", lambda: os.close(os.open("blank", os.O_RDWR)))
+    call("root truncates a 0000 file", lambda: os.truncate("blank", 5) or os.stat("blank").st_size)
+    call("root sets a user. xattr on a 0000 file", lambda: os.setxattr("blank", "user.root", b"1"))
+    call("root changes another user's times", lambda: os.utime("blank", ns=(7, 7)) or os.stat("blank").st_mtime_ns)
+    call("root chmods another user's file", lambda: os.chmod("blank", 0o6000) or mode("blank"))
+    for what, bits in (("read and write", os.R_OK | os.W_OK), ("execute", os.X_OK)):
+        call(f"access {what} of a 0000 file as root", lambda bits=bits: os.access("blank", bits))
+    for name in ("script-0644", "script-0744", "script-0001", "locked"):
+        call(f"access X_OK of {name} as root", lambda name=name: os.access(name, os.X_OK))
+        call(f"execute {name} as root", lambda name=name: subprocess.run([f"./{name}"]).returncode)
+    call("root lists a 0000 directory", lambda: os.listdir("locked"))
+    call("root enters a 0000 directory", lambda: os.chdir("locked") or os.chdir(".."))
+    call("root creates in a 0000 directory", lambda: os.close(os.open("locked/new", os.O_CREAT | os.O_WRONLY)))
+    call("root renames in a 0000 directory", lambda: os.rename("locked/new", "locked/newer"))
+    call("root unlinks in a 0000 directory", lambda: os.unlink("locked/inner"))
+    call("root stats through a 0000 directory", lambda: mode("locked/newer"))
+    os.chmod("locked", 0o755)
+
+
 def ownership_and_permissions() -> None:
     # `change() or mode(path)`: the change returns None, then the mode is the result.
     os.chmod(".", 0o777)
@@ -344,5 +381,6 @@ if __name__ == "__main__":
     special_files_and_attributes()
     xattrs()
     data()
+    roots_permissions()
     ownership_and_permissions()
     print(json.dumps(results, indent=1))

@@ -1,8 +1,8 @@
 """The same system calls on envfs and on ext4 give the same results.
 
-`syscall_battery.py` runs 127 calls (names, links, renames, special files,
-attributes, xattrs, holes, fallocate modes, copies, locks, mmap, and what an
-unprivileged user may do) in a directory of the filesystem the tests run on, which
+`syscall_battery.py` runs 148 calls (names, links, renames, special files,
+attributes, xattrs, holes, fallocate modes, copies, locks, mmap, what root may do
+where modes deny, and what an unprivileged user may do) in a directory of the filesystem the tests run on, which
 must be ext4, and in an envfs mount; every result must match but the few that
 envfs answers differently on purpose, which are checked for their own answers.
 `namespace_fuzz.py` runs random namespace operations in both, side by side, and
@@ -35,10 +35,11 @@ KNOWN_DIFFERENCES = {
 }
 
 
-def battery(directory: Path) -> dict[str, str]:
+def battery(directory: Path, *flags: str) -> dict[str, str]:
     result = subprocess.run(
-        [sys.executable, str(BATTERY), str(directory)], capture_output=True, text=True, timeout=120, check=True
-    )
+        [sys.executable, str(BATTERY), str(directory), *flags],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
     return json.loads(result.stdout)
 
 
@@ -56,11 +57,21 @@ def ext4_directory(tmp_path: Path) -> Path:
 
 
 @pytest.mark.timeout(180)
-def test_system_calls_answer_as_on_ext4(store: Envfs, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "mount_options",
+    [
+        ["--allow-other"],  # the battery's unprivileged calls run as nobody
+        [],  # only root may enter: the kernel checks no permissions (see `kernel_checks_permissions`)
+        ["--default-permissions"],  # only root may enter, the kernel's checks kept
+    ],
+    ids=["allow-other", "root-only", "root-only-default-permissions"],
+)
+def test_system_calls_answer_as_on_ext4(store: Envfs, tmp_path: Path, mount_options: list[str]) -> None:
     reference = ext4_directory(tmp_path)
-    store.mount("--allow-other")  # the battery's unprivileged calls run as nobody
+    store.mount(*mount_options)
+    flags = [] if "--allow-other" in mount_options else ["--root-only"]
     try:
-        expected, got = battery(reference), battery(store.mnt)
+        expected, got = battery(reference, *flags), battery(store.mnt, *flags)
     finally:
         store.unmount()
     assert expected.keys() == got.keys()

@@ -1,5 +1,5 @@
 """The `envfs` command line, run for real: refusals, PINs, init, status, unmounting
-from outside, a killed daemon, --allow-other and the exit codes.
+from outside, a killed daemon, --allow-other and the kernel's permission checks, and the exit codes.
 
 A refused `mount` must say why on exactly one line of stderr, exit with the code
 of its error class, and change nothing: the store is byte-identical (and nothing
@@ -942,6 +942,43 @@ def test_without_allow_other_other_users_are_kept_out(store: Envfs, public_mnt: 
     os.chmod(public_mnt, 0o777)
     assert as_nobody(public_mnt, "stat-root") == {"stat": "EACCES", "listdir": "EACCES"}
     assert (public_mnt / "f").read_text() == "root only"
+
+
+# Root without a capability: the one caller the kernel's checks hold back where only root may enter.
+CAPLESS_ROOT = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
+
+
+def mount_options(mnt: Path) -> set[str]:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == str(mnt):
+            return set(fields[3].split(","))
+    raise AssertionError(f"{mnt} is not mounted")
+
+
+@pytest.mark.parametrize(
+    "options, kernel_checks",
+    [([], False), (["--default-permissions"], True), (["--allow-other"], True)],
+    ids=["root-only", "default-permissions", "allow-other"],
+)
+def test_the_kernel_checks_permissions_unless_only_root_may_enter(
+    store: Envfs, options: list[str], kernel_checks: bool
+) -> None:
+    """A root-only mount goes without the kernel's checks, which every capable root passes
+    (test_against_ext4 runs its battery both ways); --default-permissions keeps them."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv")
+    mount(store, *options)
+    secret = store.mnt / "secret"
+    secret.write_text("another's")
+    secret.chmod(0o600)
+    os.chown(secret, 65534, 65534)
+    assert ("default_permissions" in mount_options(store.mnt)) == kernel_checks
+    result = subprocess.run([*CAPLESS_ROOT, "cat", str(secret)], capture_output=True, text=True, timeout=60)
+    if kernel_checks:
+        assert result.returncode == 1 and "Permission denied" in result.stderr, result
+    else:
+        assert result.returncode == 0 and result.stdout == "another's", result
 
 
 # -- exit codes and usage ------------------------------------------------------------------------
