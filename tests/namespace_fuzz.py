@@ -171,6 +171,15 @@ def tree(root: Path) -> dict[str, object]:
     return entries
 
 
+def _fenced(root: Path) -> Path:
+    """Where the tree goes in `root`: two directories down, the same in every root. A relative
+    symlink that a rename moved up may point above the tree (at most two levels: `op_symlink`),
+    and must find the same there in every root, not the roots' differing surroundings."""
+    tree = root / "fence" / "fence" / "tree"
+    tree.mkdir(parents=True, exist_ok=True)
+    return tree
+
+
 class NamespaceFuzz:
     """Random operations (from `seed`) in each of `roots` (the first is the reference),
     compared as they go."""
@@ -178,10 +187,10 @@ class NamespaceFuzz:
     def __init__(self, roots: tuple[Path, ...], seed: int, *, users: bool = False) -> None:
         """With `users`, each operation (but opening a descriptor to hold) runs as
         one of USERS, in roots that every user may write to."""
-        self.roots = roots
+        self.roots = tuple(_fenced(root) for root in roots)
         self.users = users
         if users:
-            for root in roots:
+            for root in self.roots:
                 os.chmod(root, 0o777)
         self.seed = seed
         self.rng = random.Random(seed)
@@ -359,7 +368,7 @@ class NamespaceFuzz:
 
     def op_symlink(self) -> None:
         p = self.path()
-        # Relative targets stay inside the tree, whose parent differs between the roots.
+        # Relative targets start inside the tree; a rename may move them up (`_fenced`).
         up = "../" * self.rng.randint(0, p.count("/"))
         target = self.rng.choice((up + self.path(), "/nonexistent/" + "x" * 300))
         self.everywhere(f"symlink {p} -> {target}", lambda root: os.symlink(target, root / p))
