@@ -226,6 +226,7 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         try:
             lock = store.lock(mountpoint)
             stack.callback(lock.release)
+            stack.callback(store.close_commit_room)  # after the metadata's close, registered below
             hsm = hsm_for(token_for(superblock, stack), stack, pin)
             keys = KeyRing(hsm, superblock)
             stack.callback(keys.close)

@@ -176,6 +176,10 @@ class Store:
         # space reserve is neither made nor given up, and the daemon changes
         # nothing by itself (access times, orphans to delete; fs.Operations).
         self.read_only = False
+        # The descriptors `keep_commit_room` allocates through, open until
+        # `close_commit_room`: closing a descriptor of a file drops every POSIX lock
+        # the process holds on it, SQLite's on meta.db among them.
+        self._room_fds: dict[Path, int] = {}
 
     def read_superblock(self) -> Superblock:
         if not self.path.is_dir():
@@ -327,19 +331,36 @@ class Store:
         byte of the disk, when the reserve, once given up, may have gone to that program.
         (A checkpoint cuts meta.db to its size, which on ext4 frees what lies past its end:
         the daemon calls this every second.) Files that do not exist yet are left to SQLite
-        to make."""
+        to make. The descriptors stay open: `close_commit_room` once SQLite has closed."""
         if self.read_only:
             return
-        for path, room in ((self.metadata_wal_path, COMMIT_ROOM_BYTES), (self.metadata_path, CHECKPOINT_ROOM_BYTES)):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                start = 0 if path == self.metadata_wal_path else os.fstat(fd).st_size
-                fallocate(fd, FALLOC_FL_KEEP_SIZE, start, room)
-            finally:
-                os.close(fd)
+        for path, past_end, room in (
+            (self.metadata_wal_path, False, COMMIT_ROOM_BYTES),
+            (self.metadata_path, True, CHECKPOINT_ROOM_BYTES),
+        ):
+            fd = self._room_fd(path)
+            if fd is not None:
+                fallocate(fd, FALLOC_FL_KEEP_SIZE, os.fstat(fd).st_size if past_end else 0, room)
+
+    def _room_fd(self, path: Path) -> int | None:
+        """A descriptor of the file at `path` now (SQLite may have made it anew), or None."""
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            return None
+        fd = self._room_fds.get(path)
+        if fd is not None and os.fstat(fd).st_ino == now.st_ino:
+            return fd
+        if fd is not None:
+            os.close(fd)  # a file SQLite no longer has open
+        fd = self._room_fds[path] = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        return fd
+
+    def close_commit_room(self) -> None:
+        """Close `keep_commit_room`'s descriptors, after SQLite has closed the metadata."""
+        for fd in self._room_fds.values():
+            os.close(fd)
+        self._room_fds.clear()
 
     def free_bytes(self) -> int:
         """Space the backing filesystem has left for us."""

@@ -210,11 +210,15 @@ def operations_in_process(env: Envfs, monkeypatch: pytest.MonkeyPatch) -> Iterat
     prefetched keys), without FUSE and without the mount's housekeeping."""
     for name, value in env.env.items():
         monkeypatch.setenv(name, value)
-    with OfflineStore(str(env.store), PIN, "mount") as offline:
-        keys, metadata = offline.keys(), offline.metadata()
-        metadata.group_commits()
-        operations = Operations(offline.store, metadata, keys, keys.name_cipher(), rekey_after=1 << 20)
-        try:
-            yield operations
-        finally:
-            operations.destroy()
+    offline = OfflineStore(str(env.store), PIN, "mount")
+    try:
+        with offline:
+            keys, metadata = offline.keys(), offline.metadata()
+            metadata.group_commits()
+            operations = Operations(offline.store, metadata, keys, keys.name_cipher(), rekey_after=1 << 20)
+            try:
+                yield operations
+            finally:
+                operations.destroy()
+    finally:
+        offline.store.close_commit_room()  # if a test kept room, as the daemon does: after SQLite closed

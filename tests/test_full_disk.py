@@ -21,7 +21,7 @@ from helpers import Envfs, operations_in_process, process_gone
 
 from envfs.fs import Operations
 from envfs.metadata import ROOT_INODE
-from envfs.store import RESERVE
+from envfs.store import CHECKPOINT_ROOM_BYTES, COMMIT_ROOM_BYTES, RESERVE
 
 CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 
@@ -295,6 +295,22 @@ def test_random_operations_on_a_filling_disk_fail_whole(small_store: Envfs, seed
     small_store.unmount()
     result = small_store.run("fsck", str(small_store.store), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_room_kept_for_sqlite_leaves_its_locks(small_store: Envfs) -> None:
+    """The daemon keeps room allocated in meta.db-wal and past the end of meta.db, through
+    descriptors it keeps open: closing one would drop SQLite's POSIX lock on meta.db."""
+    (small_store.mnt / "f").write_bytes(b"x")
+    time.sleep(2.5)  # the housekeeping has run twice since
+    wal = os.stat(small_store.store / "meta.db-wal")
+    assert wal.st_blocks * 512 >= COMMIT_ROOM_BYTES > wal.st_size
+    database = os.stat(small_store.store / "meta.db")
+    assert database.st_blocks * 512 >= database.st_size + CHECKPOINT_ROOM_BYTES
+    pid = small_store.daemon_pid()
+    locks = [line.split() for line in Path("/proc/locks").read_text().splitlines()]
+    assert any(
+        fields[1] == "POSIX" and fields[4] == str(pid) and fields[5].endswith(f":{database.st_ino}") for fields in locks
+    ), "the daemon holds no lock on meta.db"
 
 
 def _take_every_byte(env: Envfs) -> list[Path]:
