@@ -8,18 +8,22 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar
+from types import SimpleNamespace
+from typing import Any, ClassVar
 
 import pytest
+import trio
 
 from envfs import embedded
 from envfs.fs import Operations
+from envfs.metadata import ROOT_INODE
 from envfs.offline import OfflineStore
 
 ENVFS = [sys.executable, "-m", "envfs"]
@@ -222,3 +226,21 @@ def operations_in_process(env: Envfs, monkeypatch: pytest.MonkeyPatch) -> Iterat
                 operations.destroy()
     finally:
         offline.store.close_commit_room()  # if a test kept room, as the daemon does: after SQLite closed
+
+
+# The request context of root's calls to `Operations` driven in this process.
+ROOT_CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
+
+
+def setattr_fields(**changed: bool) -> Any:
+    """pyfuse3's SetattrFields for `Operations.setattr`: the named ones True, the rest False."""
+    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid", "update_gid", "update_size")
+    return SimpleNamespace(**{name: changed.get(name, False) for name in names})
+
+
+def new_file(ops: Operations, name: bytes, data: bytes = b"") -> tuple[int, int]:
+    """Create `name` in the root through `ops`, with `data` written: (inode id, open handle)."""
+    info, entry = trio.run(ops.create, ROOT_INODE, name, stat.S_IFREG | 0o644, os.O_RDWR, ROOT_CTX)
+    if data:
+        assert trio.run(ops.write, info.fh, 0, bytes(bytearray(data))) == len(data)  # a copy: writes wipe theirs
+    return entry.st_ino, info.fh

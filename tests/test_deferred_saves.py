@@ -10,7 +10,6 @@ only in the low-space mode where nothing is deferred.
 from __future__ import annotations
 
 import errno
-import os
 import sqlite3
 import stat
 from collections.abc import Iterator
@@ -19,17 +18,10 @@ from typing import Any
 
 import pytest
 import trio
-from helpers import Envfs, operations_in_process
+from helpers import ROOT_CTX, Envfs, new_file, operations_in_process, setattr_fields
 
 from envfs.fs import Operations
 from envfs.metadata import ROOT_INODE
-
-CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
-
-
-def fields(**changed: bool) -> Any:
-    names = ("update_atime", "update_mtime", "update_ctime", "update_mode", "update_uid", "update_gid", "update_size")
-    return SimpleNamespace(**{name: changed.get(name, False) for name in names})
 
 
 def attrs(**values: int) -> Any:
@@ -47,11 +39,6 @@ def call(method: Any, *args: Any) -> Any:
     return trio.run(method, *args)
 
 
-def new_file(ops: Operations, name: bytes) -> tuple[int, int]:
-    info, entry = call(ops.create, ROOT_INODE, name, stat.S_IFREG | 0o644, os.O_RDWR, CTX)
-    return entry.st_ino, info.fh
-
-
 def stored_mode(ops: Operations, inode_id: int) -> int:
     inode = ops.md.get_inode(inode_id)
     assert inode is not None
@@ -63,7 +50,7 @@ def test_a_deferred_change_survives_a_failed_request(ops: Operations, monkeypatc
     b, b_fh = new_file(ops, b"b")
     call(ops.release, a_fh)
     ops.commit()
-    call(ops.setattr, a, attrs(st_mode=0o100600, st_ctime_ns=0), fields(update_mode=True), None, CTX)
+    call(ops.setattr, a, attrs(st_mode=0o100600, st_ctime_ns=0), setattr_fields(update_mode=True), None, ROOT_CTX)
     assert stored_mode(ops, a) & 0o777 == 0o644, "the chmod was written at once, not deferred"
     # The disk is full now: b's write fails after it changed b in memory.
     monkeypatch.setattr(ops.store, "free_bytes", lambda: 0)
@@ -82,7 +69,7 @@ def test_a_failed_request_leaves_no_change_behind(ops: Operations, monkeypatch: 
     a, a_fh = new_file(ops, b"a")
     call(ops.write, a_fh, 0, b"first")
     ops.commit()
-    call(ops.setattr, a, attrs(st_mode=0o100640, st_ctime_ns=0), fields(update_mode=True), None, CTX)
+    call(ops.setattr, a, attrs(st_mode=0o100640, st_ctime_ns=0), setattr_fields(update_mode=True), None, ROOT_CTX)
     call(ops.write, a_fh, 5, b" second")  # deferred, with the chmod
     monkeypatch.setattr(ops.store, "free_bytes", lambda: 0)
     ops._room = 0
@@ -91,7 +78,7 @@ def test_a_failed_request_leaves_no_change_behind(ops: Operations, monkeypatch: 
     ops.commit()
     row = ops.md.get_inode(a)
     assert row is not None and row.size == 12 and row.mode & 0o777 == 0o640
-    attributes = call(ops.getattr, a, CTX)
+    attributes = call(ops.getattr, a, ROOT_CTX)
     assert attributes.st_size == 12 and attributes.st_mode & 0o777 == 0o640
     call(ops.release, a_fh)
 
@@ -135,19 +122,19 @@ def test_a_rolled_back_transaction_takes_only_its_own_changes(ops: Operations, m
     call(ops.release, a_fh)
     ops.commit()
     root_before = ops.md.get_inode(ROOT_INODE)
-    call(ops.setattr, a, attrs(st_mode=0o100600, st_ctime_ns=0), fields(update_mode=True), None, CTX)
+    call(ops.setattr, a, attrs(st_mode=0o100600, st_ctime_ns=0), setattr_fields(update_mode=True), None, ROOT_CTX)
     touch = _fail_in_touch_dir(monkeypatch)
     with pytest.raises(pyfuse3_error()) as failed:
-        call(ops.symlink, ROOT_INODE, b"l", b"target", CTX)
+        call(ops.symlink, ROOT_INODE, b"l", b"target", ROOT_CTX)
     assert failed.value.errno == errno.EIO
     monkeypatch.setattr(Operations, "_touch_dir", touch)
-    assert call(ops.lookup, ROOT_INODE, b"l", CTX).st_ino == 0
+    assert call(ops.lookup, ROOT_INODE, b"l", ROOT_CTX).st_ino == 0
     ops.commit()
     assert ops.md.get_inode(ROOT_INODE) == root_before
     assert len(assert_entries_match_digest(ops, ROOT_INODE)) == 1
     assert stored_mode(ops, a) & 0o777 == 0o600
     # The next symlink works.
-    call(ops.symlink, ROOT_INODE, b"l", b"target", CTX)
+    call(ops.symlink, ROOT_INODE, b"l", b"target", ROOT_CTX)
     ops.commit()
     assert len(assert_entries_match_digest(ops, ROOT_INODE)) == 2
 
@@ -162,21 +149,21 @@ def test_a_failure_after_a_one_statement_change_rolls_the_group_back(
     a, a_fh = new_file(ops, b"a")
     call(ops.release, a_fh)
     ops.commit()
-    call(ops.setattr, a, attrs(st_mode=0o100600, st_ctime_ns=0), fields(update_mode=True), None, CTX)
+    call(ops.setattr, a, attrs(st_mode=0o100600, st_ctime_ns=0), setattr_fields(update_mode=True), None, ROOT_CTX)
     touch = _fail_in_touch_dir(monkeypatch)
     with pytest.raises(pyfuse3_error()) as failed:
-        call(ops.mkdir, ROOT_INODE, b"d", stat.S_IFDIR | 0o755, CTX)
+        call(ops.mkdir, ROOT_INODE, b"d", stat.S_IFDIR | 0o755, ROOT_CTX)
     assert failed.value.errno == errno.EIO
     monkeypatch.setattr(Operations, "_touch_dir", touch)
-    assert call(ops.getattr, ROOT_INODE, CTX).st_nlink == 2
-    assert call(ops.lookup, ROOT_INODE, b"d", CTX).st_ino == 0
-    assert call(ops.getattr, a, CTX).st_mode & 0o777 == 0o644  # lost with the group, in memory too
+    assert call(ops.getattr, ROOT_INODE, ROOT_CTX).st_nlink == 2
+    assert call(ops.lookup, ROOT_INODE, b"d", ROOT_CTX).st_ino == 0
+    assert call(ops.getattr, a, ROOT_CTX).st_mode & 0o777 == 0o644  # lost with the group, in memory too
     with pytest.raises(sqlite3.OperationalError):
         ops.commit()  # the loss is the next commit's error (an fsync's EIO)
     assert len(assert_entries_match_digest(ops, ROOT_INODE)) == 1
     assert stored_mode(ops, a) & 0o777 == 0o644
     # The next mkdir works and counts once.
-    call(ops.mkdir, ROOT_INODE, b"d", stat.S_IFDIR | 0o755, CTX)
+    call(ops.mkdir, ROOT_INODE, b"d", stat.S_IFDIR | 0o755, ROOT_CTX)
     ops.commit()
     root = ops.md.get_inode(ROOT_INODE)
     assert root is not None and root.nlink == 3

@@ -17,13 +17,11 @@ from types import SimpleNamespace
 import pytest
 import trio
 from fsx import Exerciser
-from helpers import Envfs, operations_in_process, process_gone
+from helpers import ROOT_CTX, Envfs, new_file, operations_in_process, process_gone, setattr_fields
 
 from envfs.fs import Operations
 from envfs.metadata import ROOT_INODE
 from envfs.store import CHECKPOINT_ROOM_BYTES, COMMIT_ROOM_BYTES, RESERVE
-
-CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 
 
 @contextlib.contextmanager
@@ -367,13 +365,6 @@ def operations_on_tmpfs(envfs: Envfs, monkeypatch: pytest.MonkeyPatch) -> Iterat
         yield ops
 
 
-def _new_file(ops: Operations, name: bytes, data: bytes) -> tuple[int, int]:
-    """Create and write a file through `ops`: (inode id, open handle)."""
-    info, entry = trio.run(ops.create, ROOT_INODE, name, stat.S_IFREG | 0o644, os.O_RDWR, CTX)
-    assert trio.run(ops.write, info.fh, 0, bytes(bytearray(data))) == len(data)  # a copy: writes wipe theirs
-    return entry.st_ino, info.fh
-
-
 def _read(ops: Operations, fh: int, size: int) -> bytes:
     async def read() -> bytes:
         return bytes(await ops.read(fh, 0, size))  # before its buffer is reused
@@ -386,11 +377,10 @@ def test_a_read_answers_when_no_commit_finds_room(envfs: Envfs, monkeypatch: pyt
     byte and no room kept in SQLite's files), returns its data; the atime is let go."""
     with operations_on_tmpfs(envfs, monkeypatch) as ops:
         data = os.urandom(50_000)
-        inode_id, fh = _new_file(ops, b"f", data)
+        inode_id, fh = new_file(ops, b"f", data)
         times = SimpleNamespace(st_atime_ns=1_000_000_000, st_mtime_ns=2_000_000_000)
-        changed = SimpleNamespace(update_atime=True, update_mtime=True, update_ctime=False, update_mode=False,
-                                  update_uid=False, update_gid=False, update_size=False)  # fmt: skip
-        trio.run(ops.setattr, inode_id, times, changed, None, CTX)  # the next read moves atime
+        changed = setattr_fields(update_atime=True, update_mtime=True)
+        trio.run(ops.setattr, inode_id, times, changed, None, ROOT_CTX)  # the next read moves atime
         ops.commit()
         fillers = [envfs.store.parent / "filler", envfs.store.parent / "filler2"]
         _fill_outside(fillers[0])
@@ -408,14 +398,14 @@ def test_a_write_retried_after_a_commit_writes_its_data(envfs: Envfs, monkeypatc
     commit is retried after that commit, which frees the space: the retry writes the
     caller's bytes (the first attempt must not have wiped them yet)."""
     with operations_on_tmpfs(envfs, monkeypatch) as ops:
-        big, big_fh = _new_file(ops, b"big", os.urandom(6 << 20))
+        big, big_fh = new_file(ops, b"big", os.urandom(6 << 20))
         trio.run(ops.release, big_fh)
-        inode_id, fh = _new_file(ops, b"f", b"")
+        inode_id, fh = new_file(ops, b"f", b"")
         ops.commit()
         ops.store.keep_commit_room()  # as the mount does: the commit before the retry needs it
         filler = envfs.store.parent / "filler"
         _fill_outside(filler)
-        trio.run(ops.unlink, ROOT_INODE, b"big", CTX)
+        trio.run(ops.unlink, ROOT_INODE, b"big", ROOT_CTX)
         trio.run(ops.forget, [(big, 1)])  # the kernel lets go: the data file goes at the next commit
         data = os.urandom(100_000)
         assert trio.run(ops.write, fh, 0, bytes(bytearray(data))) == len(data)
