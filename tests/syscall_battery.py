@@ -80,6 +80,20 @@ def mode(path: str, follow: bool = True) -> str:
     return oct(os.stat(path, follow_symlinks=follow).st_mode)
 
 
+_STATX_MODE = 0x2
+_CAP_NET_RAW = (0x02000001).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+
+
+def kernel_mode(path: str) -> str:
+    """The mode as an exec or a permission check finds it: statx for the mode
+    alone, which the kernel answers from its cache unless it was told that the
+    mode changed (a stat for all attributes refreshes more after a write)."""
+    buf = ctypes.create_string_buffer(256)
+    _checked(_libc.statx(-100, path.encode(), 0, _STATX_MODE, buf))
+    return oct(int.from_bytes(buf.raw[28:30], "little"))  # struct statx's stx_mode
+
+
 def names_and_links() -> None:
     call("mkdir a", lambda: os.mkdir("a", 0o755))
     call("mkdir a again", lambda: os.mkdir("a"))
@@ -361,9 +375,20 @@ def ownership_and_permissions() -> None:
     as_nobody("listxattr", lambda: sorted(os.listxattr("shared")))
     for bits, what in ((0o4777, "set-user-ID"), (0o2777, "set-group-ID, group-executable")):
         os.chmod("shared", bits)
-        as_nobody(f"write a {what} file", lambda: os.write(os.open("shared", os.O_WRONLY), b"y") and mode("shared"))
+        as_nobody(
+            f"write a {what} file", lambda: os.write(os.open("shared", os.O_WRONLY), b"y") and kernel_mode("shared")
+        )
     os.chmod("shared", 0o6777)
-    as_nobody("truncate a set-user-ID file", lambda: os.truncate("shared", 1) or mode("shared"))
+    as_nobody("truncate a set-user-ID file", lambda: os.truncate("shared", 1) or kernel_mode("shared"))
+    os.chmod("shared", 0o6777)
+    as_nobody("open a set-user-ID file with O_TRUNC", lambda: os.close(os.open("shared", os.O_WRONLY | os.O_TRUNC)))
+    call("its mode after the O_TRUNC", lambda: kernel_mode("shared"))
+    os.chmod("shared", 0o2767)
+    as_nobody(
+        "fallocate a set-group-ID file, not in its group",
+        lambda: os.posix_fallocate(os.open("shared", os.O_WRONLY), 0, 8192),
+    )
+    call("its mode after the fallocate", lambda: kernel_mode("shared"))
     os.chmod("shared", 0o4777)
     call("root writes a set-user-ID file", lambda: os.write(os.open("shared", os.O_WRONLY), b"z") and mode("shared"))
     call("root chowns a set-user-ID file", lambda: os.chown("shared", 0, 0) or mode("shared"))
@@ -373,6 +398,18 @@ def ownership_and_permissions() -> None:
     call("root chowns a set-group-ID file", lambda: os.chown("shared", 0, 0) or mode("shared"))
     os.chmod("shared", 0o4755)
     call("chown -1 -1 of a set-user-ID file", lambda: os.chown("shared", -1, -1) or mode("shared"))
+    os.chmod("shared", 0o6777)
+    call("chown of a set-user-ID file, the kernel's mode", lambda: os.chown("shared", 0, 0) or kernel_mode("shared"))
+    os.chmod("shared", 0o4777)
+    call("root truncates a set-user-ID file", lambda: os.truncate("shared", 0) or kernel_mode("shared"))
+    call(
+        "root opens a set-user-ID file with O_TRUNC",
+        lambda: os.close(os.open("shared", os.O_WRONLY | os.O_TRUNC)) or kernel_mode("shared"),
+    )
+    # A file capability (VFS_CAP_REVISION_2: CAP_NET_RAW, effective) goes with any write.
+    call("set security.capability", lambda: os.setxattr("shared", "security.capability", _CAP_NET_RAW))
+    call("root writes a file with a capability", lambda: os.write(os.open("shared", os.O_WRONLY), b"c"))
+    call("its capability after the write", lambda: os.getxattr("shared", "security.capability").hex())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The same system calls on envfs and on ext4 give the same results.
 
-`syscall_battery.py` runs 148 calls (names, links, renames, special files,
+`syscall_battery.py` runs 158 calls (names, links, renames, special files,
 attributes, xattrs, holes, fallocate modes, copies, locks, mmap, what root may do
 where modes deny, and what an unprivileged user may do) in a directory of the filesystem the tests run on, which
 must be ext4, and in an envfs mount; every result must match but the few that

@@ -821,6 +821,20 @@ def test_o_trunc_truncates_whatever_the_access_mode(mounted: Path) -> None:
     assert st.st_mtime > 2000 and st.st_ctime > 2000
 
 
+def test_the_kernel_leaves_clearing_setuid_and_setgid_to_the_daemon(store: Envfs) -> None:
+    """The INIT reply carries FUSE_HANDLE_KILLPRIV_V2 (pyfuse3 patch 7): the
+    kernel then neither asks for a file's attributes before a chown nor for
+    its security.capability before every write, and the daemon clears the
+    bits (test_against_ext4's battery compares what it leaves with ext4)."""
+    store.mount()
+    (store.mnt / "f").write_bytes(b"x")
+    # The first counters may predate the INIT reply.
+    deadline = time.monotonic() + 5
+    while store.counters()["daemon_clears_setid"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert store.counters()["daemon_clears_setid"] == 1
+
+
 def test_changing_data_clears_setuid_and_setgid_as_ext4_does(store: Envfs) -> None:
     """Without CAP_FSETID a truncating open, a truncate, a write and fallocate
     clear set-user-ID, and set-group-ID where group-execute is set or the
