@@ -857,8 +857,9 @@ class Operations(pyfuse3.Operations):
         """Clear set-user-ID and set-group-ID as Linux does after a change of data
         or (`chown`) of owner by the process `uid`, `gid`, `pid`. The kernel
         leaves this to the daemon (FUSE_HANDLE_KILLPRIV_V2) and keeps the mode
-        it has cached: replies to write, fallocate and open carry no
-        attributes, and an exec of the file must not find set-user-ID there."""
+        it has cached, which a statx for the mode and an exec's permission
+        check go on using: replies to write, fallocate and open carry no
+        attributes, so it is told to fetch them again."""
         mode = (_mode_after_chown if chown else _mode_after_data_change)(inode.mode, uid, gid, pid, inode.gid)
         if mode == inode.mode:
             return
