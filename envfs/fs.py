@@ -22,7 +22,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
@@ -139,6 +139,14 @@ class OpenFile:
 
     data: DataFile
     handles: int = 0
+
+
+class Caller(Protocol):
+    """Who asks for a change: a request's context, or a handle's opener."""
+
+    uid: int
+    gid: int
+    pid: int
 
 
 @dataclass
@@ -834,7 +842,7 @@ class Operations(pyfuse3.Operations):
             self._truncate(inode, attr.st_size, now)
         if not stat.S_ISDIR(inode.mode) and (fields.update_uid or fields.update_gid or _sets_nothing(fields)):
             # chown(f, -1, -1) comes as a setattr that sets nothing.
-            self._clear_setid(inode, ctx.uid, ctx.gid, ctx.pid, chown=True)
+            self._clear_setid(inode, ctx, chown=True)
         if fields.update_mode:
             inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(attr.st_mode)
         if fields.update_uid:
@@ -846,21 +854,25 @@ class Operations(pyfuse3.Operations):
         if fields.update_mtime:
             inode.mtime_ns = _clamp_time(attr.st_mtime_ns)
         if fields.update_size:
-            self._clear_setid(inode, ctx.uid, ctx.gid, ctx.pid)
+            self._clear_setid(inode, ctx)
         inode.ctime_ns = _clamp_time(attr.st_ctime_ns) if fields.update_ctime else now
         self._save(inode)
         if not fields.update_size:
             self._data_file_unchanged(inode, blocks_as_of)
         return self._attrs(inode)
 
-    def _clear_setid(self, inode: Inode, uid: int, gid: int, pid: int, *, chown: bool = False) -> None:
+    def _clear_setid(self, inode: Inode, caller: Caller, *, chown: bool = False) -> None:
         """Clear set-user-ID and set-group-ID as Linux does after a change of data
-        or (`chown`) of owner by the process `uid`, `gid`, `pid`. The kernel
-        leaves this to the daemon (FUSE_HANDLE_KILLPRIV_V2) and keeps the mode
-        it has cached, which a statx for the mode and an exec's permission
-        check go on using: replies to write, fallocate and open carry no
-        attributes, so it is told to fetch them again."""
-        mode = (_mode_after_chown if chown else _mode_after_data_change)(inode.mode, uid, gid, pid, inode.gid)
+        or (`chown`) of owner by `caller` (the request's; for a write through a
+        handle, its opener). The kernel leaves this to the daemon
+        (FUSE_HANDLE_KILLPRIV_V2) and keeps the mode it has cached, which a
+        statx for the mode and an exec's permission check go on using: replies
+        to write, fallocate and open carry no attributes, so it is told to
+        fetch them again."""
+        if not inode.mode & (stat.S_ISUID | stat.S_ISGID):
+            return  # every write comes here
+        rule = _mode_after_chown if chown else _mode_after_data_change
+        mode = rule(inode.mode, caller.uid, caller.gid, caller.pid, inode.gid)
         if mode == inode.mode:
             return
         inode.mode = mode
@@ -1202,7 +1214,7 @@ class Operations(pyfuse3.Operations):
         # clear set-user-ID and set-group-ID: that is up to the open.
         if flags & os.O_TRUNC:
             try:
-                self._clear_setid(inode, ctx.uid, ctx.gid, ctx.pid)
+                self._clear_setid(inode, ctx)
                 self._truncate(inode, 0, _now())
             except BaseException:
                 await self.release(info.fh)
@@ -1335,7 +1347,7 @@ class Operations(pyfuse3.Operations):
         new_size, writes = open_file.data.write(off, memoryview(buf), inode.size)
         inode.size = new_size
         inode.block_writes += writes
-        self._clear_setid(inode, handle.uid, handle.gid, handle.pid)
+        self._clear_setid(inode, handle)
         inode.mtime_ns = inode.ctime_ns = _now()
         self._save(inode)
         return len(buf)
@@ -1473,7 +1485,7 @@ class Operations(pyfuse3.Operations):
             # Again: for the blocks zeroing gave back, and those that growing the
             # data file added where the backing filesystem reserves only inside it.
             open_file.data.reserve(offset, end)
-        self._clear_setid(inode, handle.uid, handle.gid, handle.pid)
+        self._clear_setid(inode, handle)
         inode.mtime_ns = inode.ctime_ns = _now()
         self._save(inode)
 
