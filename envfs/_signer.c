@@ -395,6 +395,17 @@ static PyObject *Signer_collect(Signer *self, PyObject *args) {
     return PyLong_FromUnsignedLong(rv);
 }
 
+static PyObject *Signer_done(Signer *self, PyObject *args) {
+    unsigned long long ticket;
+    if (!PyArg_ParseTuple(args, "K", &ticket) || check_open(self))
+        return NULL;
+    pthread_mutex_lock(&self->lock);
+    Job *job = find(self, ticket);
+    int waits = job && (job->state == RUNNING || (job->state == QUEUED && !self->paused));
+    pthread_mutex_unlock(&self->lock);
+    return PyBool_FromLong(!waits);
+}
+
 /* With the lock held: drop a job; a running one's result is wiped by the thread when it is done. */
 static void cancel(Signer *self, Job *job) {
     if (job->state == RUNNING)
@@ -439,6 +450,8 @@ static PyMethodDef Signer_methods[] = {
     {"collect", (PyCFunction)Signer_collect, METH_VARARGS,
      "collect(ticket, out) -> rv: wait for the job, copy its 32 bytes into out when rv is 0, wipe and free it; "
      "CKR_FUNCTION_CANCELED for a ticket cancelled, unknown, or queued while paused"},
+    {"done", (PyCFunction)Signer_done, METH_VARARGS,
+     "done(ticket) -> bool: whether collect(ticket) would return without waiting for the thread"},
     {"cancel", (PyCFunction)Signer_cancel, METH_VARARGS, "cancel(ticket): drop the job; its result is wiped"},
     {"cancel_all", (PyCFunction)Signer_cancel_all, METH_NOARGS, "cancel_all(): cancel every job"},
     {"close", (PyCFunction)Signer_close, METH_NOARGS, "close(): stop the thread and wipe every result"},

@@ -21,13 +21,13 @@ import stat
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 import pyfuse3
 from pyfuse3 import FUSEError
 
-from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE
+from .blocks import BLOCK_SIZE, MAX_FILE_SIZE, SLOT_SIZE, BlockCipher
 from .datafile import DataFile, open_data_file
 from .errors import CorruptStore, EnvfsError, IntegrityError
 from .fallocate import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
@@ -362,9 +362,9 @@ class Operations(pyfuse3.Operations):
         self._low_space = False
         # How much data files may still grow before free space is looked up again.
         self._room = 0
-        # The id, allocated in advance, of the next file `create` makes; its
-        # key is being prefetched.
-        self._next_file_id: int | None = None
+        # The next file `create` makes, allocated by the create before it: its
+        # key is being prefetched, and `idle` makes its data file and cipher.
+        self._next_file: FileAhead | None = None
         # The files whose keys first opens prefetched and no first open has
         # reached yet, in walk order; where the walk that guessed them stands;
         # and how many first opens in a row missed the guesses.
@@ -373,6 +373,9 @@ class Operations(pyfuse3.Operations):
         self._guess_misses = 0
         self.rekeys = 0
         self.data_opens = 0
+        # Creates that found their data file, or their cipher, made by `idle`.
+        self.creates_with_data_file_ahead = 0
+        self.creates_with_cipher_ahead = 0
         self.cached_lookups = 0
         self.integrity_errors = 0
         self._usage_warnings = ThrottledWarning(USAGE_WARNING_SECONDS)
@@ -537,6 +540,8 @@ class Operations(pyfuse3.Operations):
             "prefetched_keys_used": self.keys.prefetch_hits,
             "key_wait_us": self.keys.key_wait_ns // 1000,
             "data_file_opens": self.data_opens,
+            "creates_with_data_file_ahead": self.creates_with_data_file_ahead,
+            "creates_with_cipher_ahead": self.creates_with_cipher_ahead,
             "open_files": len(self._open),
             "open_handles": len(self._handles),
             "cached_inodes": len(self._inodes),
@@ -1011,13 +1016,13 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._dir(parent_inode)
         name_ct = self._encrypt_name(parent.id, name)
-        inode_id = self._next_file_id or self.md.allocate_inode_id()
-        key_version = self.keys.superblock.current_key_version
+        ahead = self._take_next_file()
+        inode_id, key_version = ahead.inode_id, ahead.key_version
         # Its data file first: a create that cannot make it (no file descriptor
         # left, no inode on the backing filesystem) fails whole and leaves no
         # name behind; and the rows are then one statement, the entry's (the
         # inode's row is written with the group).
-        data = self._open_data_file(inode_id, key_version, 0, 0)
+        data = self._new_data_file(ahead)
         try:
             with self._transaction(one_statement=True):
                 inode = self._new_inode(parent, name_ct, stat.S_IFREG | stat.S_IMODE(mode), ctx, inode_id=inode_id)
@@ -1035,15 +1040,79 @@ class Operations(pyfuse3.Operations):
                 raise FUSEError(errno.EISDIR) from None
             info = await self.open(existing.id, flags, ctx)
             return info, self._lookup_ref(existing)
-        self._next_file_id = None
         self._st_blocks[inode.id] = ((inode.ctime_ns, inode.key_epoch), 0)  # its data file was made empty
         attrs = self._lookup_ref(inode)
         info = self._open_handle(inode, ctx, data)
-        # Files tend to come in runs (untar, cp -r): the next one's key is derived
-        # while the kernel and the application work on this one.
-        self._next_file_id = self.md.allocate_inode_id()
-        self.keys.prefetch_file_cipher(self._next_file_id, self.keys.superblock.current_key_version, 0)
+        # Files tend to come in runs (untar, cp -r): the next one's key is derived,
+        # and the rest of it prepared (`idle`), while the kernel and the
+        # application work on this one.
+        self._next_file = FileAhead(self.md.allocate_inode_id(), self.keys.superblock.current_key_version)
+        self.keys.prefetch_file_cipher(self._next_file.inode_id, self._next_file.key_version, 0)
+        pyfuse3.arm_idle_hook()
         return info, attrs
+
+    def _take_next_file(self) -> FileAhead:
+        """The file to create now: the one prepared ahead, or a new one."""
+        ahead, self._next_file = self._next_file, None
+        version = self.keys.superblock.current_key_version
+        if ahead is not None and ahead.key_version == version:
+            return ahead
+        if ahead is not None:  # a rotation began since
+            self._drop_file_ahead(ahead)
+        return FileAhead(self.md.allocate_inode_id(), version)
+
+    def _new_data_file(self, ahead: FileAhead) -> DataFile:
+        """The data file of a file being created, from what `idle` prepared of it
+        (its cipher, its data file) and the rest made now."""
+        cipher, fd = ahead.cipher, ahead.fd
+        self.creates_with_data_file_ahead += fd is not None
+        self.creates_with_cipher_ahead += cipher is not None
+        try:
+            if cipher is None:
+                cipher = self.keys.file_cipher(ahead.inode_id, ahead.key_version, 0)
+            if fd is None:
+                fd = self.store.open_data_file(ahead.inode_id, ahead.key_version, 0, create=True)
+        except BaseException:
+            if cipher is not None:
+                cipher.close()
+            if fd is not None:
+                os.close(fd)
+                self.store.remove_data_file(ahead.inode_id, ahead.key_version, 0)
+            raise
+        self.data_opens += 1
+        return open_data_file(cipher, lambda: fd, 0)
+
+    def _drop_file_ahead(self, ahead: FileAhead) -> None:
+        if ahead.cipher is not None:
+            ahead.cipher.close()
+        if ahead.fd is not None:
+            os.close(ahead.fd)
+            self.store.remove_data_file(ahead.inode_id, ahead.key_version, 0)
+
+    def idle(self) -> bool:
+        """Work for the gap between a reply and the client's next request
+        (pyfuse3's idle hook, armed by `create`): a step of preparing the next
+        file to create, its data file or its cipher once its key is derived.
+        Whether there is more to do."""
+        ahead = self._next_file
+        if ahead is None:
+            return False
+        if ahead.fd is None:
+            try:
+                ahead.fd = self.store.open_data_file(ahead.inode_id, ahead.key_version, 0, create=True)
+            except OSError as e:
+                log.debug("making the data file of inode %d ahead: %s", ahead.inode_id, e)
+                return False  # the create makes it, and answers with the error
+        elif ahead.cipher is None:
+            ready = self.keys.prefetched_key_ready(ahead.inode_id, ahead.key_version, 0)
+            if not ready:
+                return ready is False  # wait for the derivation; or leave it to the create
+            try:
+                ahead.cipher = self.keys.file_cipher(ahead.inode_id, ahead.key_version, 0)
+            except EnvfsError as e:  # the token gone, say
+                log.debug("the cipher of inode %d ahead: %s", ahead.inode_id, e)
+                return False  # the create derives the key, and answers with the error
+        return ahead.cipher is None
 
     @handler
     async def link(
@@ -1270,8 +1339,12 @@ class Operations(pyfuse3.Operations):
         return found
 
     def drop_stale_prefetch(self) -> None:
-        """For the daemon's timers: wipe prefetched keys that nothing has used for a while."""
+        """For the daemon's timers: wipe prefetched keys, and the file prepared
+        for the next create, that nothing has used for a while."""
         self.keys.drop_prefetched(older_than=PREFETCH_MAX_AGE)
+        if self._next_file is not None and time.monotonic() - self._next_file.at >= PREFETCH_MAX_AGE:
+            self._drop_file_ahead(self._next_file)
+            self._next_file = None
 
     def _handle(self, fh: int) -> tuple[Handle, Inode, OpenFile]:
         handle = self._handles.get(fh)
@@ -1662,6 +1735,9 @@ class Operations(pyfuse3.Operations):
         """After the session ends: close files, forget what the kernel held, sync."""
         self.replies_sent()
         self.keys.drop_prefetched()
+        if self._next_file is not None:
+            self._drop_file_ahead(self._next_file)
+            self._next_file = None
         for open_file in self._open.values():
             open_file.data.close()
         self._open.clear()
@@ -1682,6 +1758,19 @@ class Operations(pyfuse3.Operations):
             # the key material it reaches now rather than at process exit.
             self.names.close()
             self._inodes.clear()
+
+
+@dataclass
+class FileAhead:
+    """The next file `create` makes, prepared ahead: its inode id, the key
+    version its key is prefetched for, and once made its data file (`fd`) and
+    its cipher."""
+
+    inode_id: int
+    key_version: int
+    fd: int | None = None
+    cipher: BlockCipher | None = None
+    at: float = field(default_factory=time.monotonic)
 
 
 def delete_inode(store: Store, metadata: Metadata, inode: Inode, *, xattrs: bool = True) -> None:

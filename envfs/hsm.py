@@ -378,6 +378,10 @@ class Hsm:
             raise HsmError(f"C_Sign returned other than {DERIVED_KEY_BYTES} bytes")
         raise HsmError(f"C_Sign failed (CKR 0x{rv:x})")
 
+    def done(self, ticket: int) -> bool:
+        """Whether `collect(ticket)` would return without waiting for the key thread."""
+        return self._ahead is None or bool(self._ahead.done(ticket))
+
     def forget(self, ticket: int) -> None:
         """Drop a derivation queued by `derive_ahead`; its key is wiped."""
         if self._ahead is not None:

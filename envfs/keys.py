@@ -130,6 +130,16 @@ class KeyRing:
         self.hsm.arm(self.superblock.key(key_version).label)
         return cipher
 
+    def prefetched_key_ready(self, inode_id: int, key_version: int, key_epoch: int) -> bool | None:
+        """Whether the file's prefetched key is derived, so that `file_cipher`
+        would not wait for the HSM (True), or is still being derived (False);
+        None where it is not prefetched."""
+        wanted = (inode_id, key_version, key_epoch)
+        for prefetched in self._prefetched:
+            if prefetched.wanted == wanted:
+                return self.hsm.done(prefetched.ticket)
+        return None
+
     def prefetch_file_cipher(self, inode_id: int, key_version: int, key_epoch: int) -> None:
         """Start deriving the key of a file about to be opened or created, in the HSM's key thread.
 

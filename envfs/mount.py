@@ -285,6 +285,7 @@ def serve(store: Store, superblock: Superblock, mountpoint: str, pin: str, optio
         )
         spin = default_spin() if options.spin is None else options.spin
         pyfuse3.set_single_worker_spin(spin)
+        pyfuse3.set_idle_hook(operations.idle)
         log.info("mounted %s on %s (pid %d; spin %d us)", store.path, mountpoint, os.getpid(), spin)
         ready(None)
         signals: list[int] = []

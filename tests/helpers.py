@@ -189,6 +189,22 @@ class Envfs:
         shutil.rmtree(self.root / "scratch", ignore_errors=True)
 
 
+def data_file_ids(env: Envfs) -> set[int]:
+    """The inode ids of the store's data files (data/HH/<id>.<version>.<epoch>). While
+    it is mounted, one may be of no inode yet: the data file envfs makes ahead for the
+    next create, under an id above every file's (FORMAT.md section 7)."""
+    return {int(path.name.split(".")[0], 16) for path in (env.store / "data").glob("*/*.*.*")}
+
+
+def without_next_file(ids: set[int], files: set[int]) -> set[int]:
+    """`ids` less the one data file that may be made ahead of the next create: an id
+    above all of `files` (those of the regular files that exist)."""
+    extra = ids - files
+    if len(extra) == 1 and min(extra) > max(files, default=0):
+        return ids - extra
+    return ids
+
+
 def run_threads(jobs: list[Callable[[], None]]) -> None:
     """Run `jobs` in threads of their own, all at once; raise the first failure here."""
     failures: list[BaseException] = []

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import PIN, Envfs
+import trio
+from helpers import PIN, Envfs, data_file_ids, new_file, operations_in_process
 
 from envfs import embedded
 from envfs.errors import HsmError
@@ -166,6 +167,76 @@ def test_reading_a_tree_in_find_order_finds_keys_derived_ahead(store: Envfs) -> 
     assert after["hsm_derivations"] - before["hsm_derivations"] == len(files)
 
 
+def _leftovers(store: Envfs) -> list[str]:
+    result = store.run("fsck", str(store.store), check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [line for line in result.stdout.splitlines() if line.startswith("leftover:")]
+
+
+def test_a_create_finds_its_file_prepared_between_the_requests_before_it(store: Envfs) -> None:
+    """After each create the daemon derives the next new file's key, and in the gaps
+    between requests (pyfuse3's idle hook) makes that file's data file, and its cipher
+    once the key is derived: the next create finds them ready. What was made for a
+    create that never came is removed at unmount, and after a crash by the next mount."""
+    store.mount()
+    before = _settle(store)
+    for i in range(30):
+        (store.mnt / f"f{i}").write_bytes(b"x" * 100)
+        with pytest.raises(OSError, match="No data available"):
+            os.getxattr(store.mnt / f"f{i}", "user.none")
+        # A gap after a request, which the daemon sees: a client that sends its next
+        # request at once may have it queued before the daemon looks (both on one CPU).
+        time.sleep(0.01)
+    after = _settle(store)
+    # The first create had nothing prepared, the others their data files; whether
+    # a key is derived in time depends on the token (the test below checks the ciphers).
+    assert after["creates_with_data_file_ahead"] - before["creates_with_data_file_ahead"] >= 28
+    # One derivation per file, and one for the file after the last.
+    assert after["hsm_derivations"] - before["hsm_derivations"] == 31
+    assert len(data_file_ids(store)) == 31  # the 30, and the next one's, made ahead
+    store.unmount()
+    assert len(data_file_ids(store)) == 30
+    assert _leftovers(store) == []
+    store.mount()
+    with open(store.mnt / "g", "wb", buffering=0) as f:
+        f.write(b"y")
+        os.fsync(f.fileno())  # commits: a crash keeps g
+    deadline = time.monotonic() + 5
+    while len(data_file_ids(store)) < 32 and time.monotonic() < deadline:
+        os.stat(store.mnt)  # a request, after which the idle hook runs
+        time.sleep(0.01)
+    store.kill_daemon()
+    found = _leftovers(store)
+    assert len(found) == 1 and "of an inode that does not exist" in found[0], found
+    store.mount()  # clears the dead mount and the leftover
+    assert sorted(os.listdir(store.mnt)) == sorted([f"f{i}" for i in range(30)] + ["g"])
+    store.unmount()
+    assert len(data_file_ids(store)) == 31 and _leftovers(store) == []
+
+
+def test_the_idle_hook_makes_the_next_files_cipher_once_its_key_is_derived(
+    store: Envfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with operations_in_process(store, monkeypatch) as ops:
+        first, fh = new_file(ops, b"a")
+        trio.run(ops.release, fh)
+        ids = data_file_ids(store)
+        assert ops.idle() is True  # the next file's data file: made; its cipher still to come
+        (ahead,) = data_file_ids(store) - ids
+        assert ahead > first
+        deadline = time.monotonic() + 10
+        while ops.idle() and time.monotonic() < deadline:
+            time.sleep(0.001)  # the key thread derives the key meanwhile
+        assert ops.idle() is False  # nothing left to prepare
+        second, fh = new_file(ops, b"b", b"data")
+        trio.run(ops.release, fh)
+        assert second == ahead
+        counters = ops.counters()
+        assert counters["creates_with_data_file_ahead"] == counters["creates_with_cipher_ahead"] == 1
+        assert counters["hsm_derivations"] >= 3  # a's key, b's derived ahead, and the file after b's
+    assert data_file_ids(store) == {first, second}  # the one made after b went with the shutdown
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -228,10 +299,11 @@ def test_orphans_of_a_killed_daemon_are_cleaned_at_next_mount(store: Envfs) -> N
     path = store.mnt / "orphan"
     path.write_bytes(os.urandom(20000))
     (store.mnt / "keep").write_text("kept")
+    orphan, keep = os.stat(path).st_ino, os.stat(store.mnt / "keep").st_ino
     fd = os.open(path, os.O_RDONLY)
     os.unlink(path)
     _fsync_dir(store.mnt)  # the unlink is committed: the inode is an orphan, not a file
-    assert len(list((store.store / "data").rglob("*.*.*"))) == 2
+    assert {orphan, keep} <= data_file_ids(store)
     store.kill_daemon()
     try:
         os.close(fd)
@@ -239,7 +311,7 @@ def test_orphans_of_a_killed_daemon_are_cleaned_at_next_mount(store: Envfs) -> N
         pass
     store.mount()
     assert (store.mnt / "keep").read_text() == "kept"
-    assert len(list((store.store / "data").rglob("*.*.*"))) == 1
+    assert data_file_ids(store) == {keep}  # the orphan's, and the one made ahead, are gone
     assert "orphan inode" in store.log_text()
 
 

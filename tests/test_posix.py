@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Envfs
+from helpers import Envfs, data_file_ids, without_next_file
 
 
 def test_write_read_remount(store: Envfs) -> None:
@@ -649,18 +649,18 @@ def test_unlinked_open_file_lives_until_close(store: Envfs) -> None:
     data = os.urandom(50_000)
     path.write_bytes(data)
     fd = os.open(path, os.O_RDWR)
+    ino = os.fstat(fd).st_ino
     os.unlink(path)
     assert not path.exists()
     assert os.pread(fd, 60_000, 0) == data
     os.pwrite(fd, b"more", 50_000)
     assert os.fstat(fd).st_size == 50_004
-    data_files = list((store.store / "data").rglob("*.*.*"))
-    assert len(data_files) == 1
+    assert without_next_file(data_file_ids(store), {ino}) == {ino}
     os.close(fd)
     deadline = time.monotonic() + 10
-    while list((store.store / "data").rglob("*.*.*")) and time.monotonic() < deadline:
+    while ino in data_file_ids(store) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not list((store.store / "data").rglob("*.*.*"))
+    assert without_next_file(data_file_ids(store), set()) == set()
 
 
 def test_inode_numbers_are_ids_never_reused(store: Envfs) -> None:
