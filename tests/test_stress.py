@@ -16,6 +16,7 @@ import contextlib
 import functools
 import os
 import random
+import re
 import stat
 import threading
 import time
@@ -130,7 +131,16 @@ def test_a_killed_daemon_in_the_middle_of_namespace_threads(store: Envfs, seed: 
         with contextlib.suppress(OSError):
             os.close(exerciser.fd)
         result = store.run("fsck", str(store.store), check=False)
-        assert result.returncode == 0, f"round {round_}: {result.stdout}{result.stderr}"
+        # A write that overwrites stored slots is not atomic (FORMAT.md 7): the kill
+        # may stop the exerciser's in the middle of one, whose block then fails
+        # authentication. Nothing else may be damaged.
+        damaged = re.search(r"^damaged:\s+(\d+)", result.stdout, re.MULTILINE)
+        torn_block = rf"^block: inode \d+ \(/data{round_}\) block \d+: fails authentication$"
+        torn = re.findall(torn_block, result.stdout, re.MULTILINE)
+        assert damaged is not None and int(damaged.group(1)) == len(torn) <= 1, (
+            f"round {round_}: {result.stdout}{result.stderr}"
+        )
+        assert result.returncode == (40 if torn else 0), result.stdout + result.stderr
         store.mount()
         assert sum(f.done for f in fuzzers) > 50, "the threads did little before the kill"
         assert link_count_errors(shared) == [], f"round {round_}"
