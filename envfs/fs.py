@@ -1083,11 +1083,17 @@ class Operations(pyfuse3.Operations):
         return open_data_file(cipher, lambda: fd, 0)
 
     def _drop_file_ahead(self, ahead: FileAhead) -> None:
+        """Close what was prepared for a create that did not come, and remove its
+        data file: where that fails (a backing filesystem turned read-only) it
+        stays, a leftover of no inode (FORMAT.md 7), rather than stop an unmount."""
         if ahead.cipher is not None:
             ahead.cipher.close()
         if ahead.fd is not None:
             os.close(ahead.fd)
-            self.store.remove_data_file(ahead.inode_id, ahead.key_version, 0)
+            try:
+                self.store.remove_data_file(ahead.inode_id, ahead.key_version, 0)
+            except OSError as e:
+                log.warning("the data file made ahead for inode %d stays: %s", ahead.inode_id, e)
 
     def idle(self) -> bool:
         """Work for the gap between a reply and the client's next request

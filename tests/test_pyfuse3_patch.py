@@ -2,8 +2,9 @@
 
 Besides the markers, a tiny pyfuse3 filesystem (not envfs) is mounted to check that fallocate
 requests reach Python, that a write's plaintext does not stay in libfuse's receive buffer (with
-one worker and with several), and that the single worker's loop keeps trio's other tasks running
-under a steady stream of requests, from one client or several.
+one worker and with several), that the single worker's loop keeps trio's other tasks running
+under a steady stream of requests, from one client or several, and that it calls the idle hook
+while the hook is armed.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from helpers import process_gone
 # libfuse's. It logs fallocate calls to argv[2], and "tick" every 10 ms from a trio task beside
 # pyfuse3.main(max_tasks=argv[3]).
 TINY_FS = r"""
-import ctypes, errno, os, stat, sys
+import ctypes, errno, logging, os, stat, sys
 import pyfuse3, trio
 
 log = open(sys.argv[2], "a", buffering=1)
+logging.basicConfig(stream=log, level=logging.WARNING)
 
 class FS(pyfuse3.Operations):
     def __init__(self):
@@ -62,6 +64,7 @@ class FS(pyfuse3.Operations):
     async def create(self, parent, name, mode, flags, ctx):
         ino = self.inodes.setdefault(name, pyfuse3.ROOT_INODE + 1 + len(self.inodes))
         self.sizes.setdefault(ino, 0)
+        pyfuse3.arm_idle_hook()
         return pyfuse3.FileInfo(fh=ino), self.attr(ino)
 
     async def open(self, ino, flags, ctx):
@@ -87,6 +90,19 @@ class FS(pyfuse3.Operations):
 
     async def release(self, fh):
         pass
+
+idle_calls = 0
+
+def idle():
+    # Armed by each create: stays armed after its first call, fails at its second.
+    global idle_calls
+    idle_calls += 1
+    log.write(f"idle {idle_calls}\n")
+    if idle_calls == 2:
+        raise RuntimeError("idle hook test failure")
+    return idle_calls == 1
+
+pyfuse3.set_idle_hook(idle)
 
 async def tick():
     while True:
@@ -115,7 +131,7 @@ def test_operations_has_fallocate() -> None:
 def test_envfs_patches_reported() -> None:
     patches = {
         "fallocate", "zero-recv-buf", "single-worker-loop", "poll-before-park", "lseek", "xattr-create-replace",
-        "spin-before-poll",
+        "spin-before-poll", "killpriv-v2", "idle-hook",
     }  # fmt: skip
     assert patches <= set(getattr(pyfuse3, "ENVFS_PATCHES", ()))
 
@@ -243,4 +259,35 @@ def test_single_worker_serves_a_stream_of_requests_and_trio_keeps_running(
     assert not errors
     # The ticker (every 10 ms) ran all along: about 150 ticks; a starved loop would log none.
     assert log.read_text().count("tick") - ticks_before >= 30
+    assert proc.poll() is None
+
+
+def test_the_single_worker_calls_the_idle_hook_while_it_is_armed(
+    tiny_fs: tuple[subprocess.Popen[bytes], Path, Path], request: pytest.FixtureRequest
+) -> None:
+    """The tiny FS's create arms the hook; the hook asks to stay armed after its first
+    call and fails at its second, which is logged and disarms it."""
+    proc, mnt, log = tiny_fs
+    one_worker = request.node.callspec.params["tiny_fs"] == 1
+
+    def requests_with_gaps() -> None:
+        for _ in range(5):
+            os.stat(mnt)  # attr_timeout 0: a request, then a gap the worker sees
+            time.sleep(0.02)
+
+    def idle_lines() -> list[str]:
+        return [line for line in log.read_text().splitlines() if line.startswith("idle ")]
+
+    requests_with_gaps()
+    assert idle_lines() == []  # not armed yet
+    (mnt / "f").touch()  # a create
+    requests_with_gaps()
+    if not one_worker:
+        assert idle_lines() == []  # several workers never call it
+        return
+    assert idle_lines() == ["idle 1", "idle 2"]
+    assert "the idle hook failed" in log.read_text() and "idle hook test failure" in log.read_text()
+    (mnt / "g").touch()  # armed again
+    requests_with_gaps()
+    assert idle_lines() == ["idle 1", "idle 2", "idle 3"]
     assert proc.poll() is None
