@@ -203,7 +203,8 @@ def test_a_create_finds_its_file_prepared_between_the_requests_before_it(store: 
         os.fsync(f.fileno())  # commits: a crash keeps g
     deadline = time.monotonic() + 5
     while len(data_file_ids(store)) < 32 and time.monotonic() < deadline:
-        os.stat(store.mnt)  # a request, after which the idle hook runs
+        with pytest.raises(OSError, match="No data available"):
+            os.getxattr(store.mnt / "g", "user.none")  # a request, after which the idle hook runs
         time.sleep(0.01)
     store.kill_daemon()
     found = _leftovers(store)
