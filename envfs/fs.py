@@ -1052,14 +1052,11 @@ class Operations(pyfuse3.Operations):
         return info, attrs
 
     def _take_next_file(self) -> FileAhead:
-        """The file to create now: the one prepared ahead, or a new one."""
+        """The file to create now: the one prepared ahead, or a new one. (The
+        key version cannot change under a mount: rotations need the store
+        unmounted.)"""
         ahead, self._next_file = self._next_file, None
-        version = self.keys.superblock.current_key_version
-        if ahead is not None and ahead.key_version == version:
-            return ahead
-        if ahead is not None:  # a rotation began since
-            self._drop_file_ahead(ahead)
-        return FileAhead(self.md.allocate_inode_id(), version)
+        return ahead or FileAhead(self.md.allocate_inode_id(), self.keys.superblock.current_key_version)
 
     def _new_data_file(self, ahead: FileAhead) -> DataFile:
         """The data file of a file being created, from what `idle` prepared of it
@@ -1073,19 +1070,17 @@ class Operations(pyfuse3.Operations):
             if fd is None:
                 fd = self.store.open_data_file(ahead.inode_id, ahead.key_version, 0, create=True)
         except BaseException:
-            if cipher is not None:
-                cipher.close()
-            if fd is not None:
-                os.close(fd)
-                self.store.remove_data_file(ahead.inode_id, ahead.key_version, 0)
+            ahead.cipher, ahead.fd = cipher, fd
+            self._drop_file_ahead(ahead)
             raise
         self.data_opens += 1
         return open_data_file(cipher, lambda: fd, 0)
 
     def _drop_file_ahead(self, ahead: FileAhead) -> None:
-        """Close what was prepared for a create that did not come, and remove its
-        data file: where that fails (a backing filesystem turned read-only) it
-        stays, a leftover of no inode (FORMAT.md 7), rather than stop an unmount."""
+        """Close what was prepared for a create that did not come or failed, and
+        remove its data file: where that fails (a backing filesystem turned
+        read-only) it stays, a leftover of no inode (FORMAT.md 7), rather than
+        stop an unmount."""
         if ahead.cipher is not None:
             ahead.cipher.close()
         if ahead.fd is not None:
@@ -1347,10 +1342,16 @@ class Operations(pyfuse3.Operations):
     def drop_stale_prefetch(self) -> None:
         """For the daemon's timers: wipe prefetched keys, and the file prepared
         for the next create, that nothing has used for a while."""
-        self.keys.drop_prefetched(older_than=PREFETCH_MAX_AGE)
-        if self._next_file is not None and time.monotonic() - self._next_file.at >= PREFETCH_MAX_AGE:
-            self._drop_file_ahead(self._next_file)
+        self._drop_prepared(older_than=PREFETCH_MAX_AGE)
+
+    def _drop_prepared(self, *, older_than: float = 0.0) -> None:
+        """Wipe the keys derived ahead, and drop the file prepared for the next
+        create, where unused for `older_than` seconds (0: all of them)."""
+        self.keys.drop_prefetched(older_than=older_than)
+        ahead = self._next_file
+        if ahead is not None and time.monotonic() - ahead.at >= older_than:
             self._next_file = None
+            self._drop_file_ahead(ahead)
 
     def _handle(self, fh: int) -> tuple[Handle, Inode, OpenFile]:
         handle = self._handles.get(fh)
@@ -1740,10 +1741,7 @@ class Operations(pyfuse3.Operations):
     def destroy(self) -> None:
         """After the session ends: close files, forget what the kernel held, sync."""
         self.replies_sent()
-        self.keys.drop_prefetched()
-        if self._next_file is not None:
-            self._drop_file_ahead(self._next_file)
-            self._next_file = None
+        self._drop_prepared()
         for open_file in self._open.values():
             open_file.data.close()
         self._open.clear()
